@@ -1,0 +1,46 @@
+# make help lists the targets. `make demo` and `make test` install what is missing first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+UI_PORT ?= 5000
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-slow lint format ui clean clean-cache
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project (editable) with its dev tools
+
+demo: $(STAMP) ## the main job: feature extraction vs full fine-tuning on ELPV with bundled EfficientNet-Lite0
+	$(BIN)/python -m transferlab.demo
+
+test: $(STAMP) ## the default test suite (a few minutes on 2 CPU cores)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP) ## real-data tests (ELPV, real backbones)
+	$(BIN)/python -m pytest -m slow
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: $(STAMP) ## ruff format and autofix
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+ui: $(STAMP) ## serve the MLflow UI for the local store on 127.0.0.1:$(UI_PORT)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
+
+clean-cache: ## empty the caches under .cache/
+	rm -rf .cache
+
+clean: ## remove logs, the MLflow store and caches (keeps .venv)
+	rm -rf logs outputs multirun mlflow.db mlartifacts .cache .pytest_cache

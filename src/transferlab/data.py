@@ -1,0 +1,400 @@
+"""Datasets as in-memory uint8 tensors, preprocessed once the way the backbone's weights expect.
+
+Each image is decoded once, resized and centre-cropped with the numbers of the weights' own eval
+transform (:class:`~transferlab.backbones.Preprocess`), and kept as uint8. Normalisation and
+augmentation then run per batch on the device, which is both faster than per-sample PIL work and
+exactly the same arithmetic for every mode. Splits are index arrays into that one tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from transferlab.backbones import Preprocess
+from transferlab.config import (
+    ConfigError,
+    DataConfig,
+    ElpvDataConfig,
+    ImageFolderDataConfig,
+    SyntheticDataConfig,
+    TorchvisionDataConfig,
+)
+
+TORCHVISION_DATASETS = ("cifar10", "flowers102", "oxford_iiit_pet", "dtd")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class RawDataset:
+    """Images not yet decoded: ``read(i)`` yields an HxW or HxWxC uint8 array."""
+
+    name: str
+    read: Callable[[int], np.ndarray]
+    labels: np.ndarray
+    classes: list[str]
+    source: str  # where it came from, for the MLflow dataset record
+    # Official or on-disk splits (index arrays); None: split here, stratified and seeded.
+    given_splits: dict[str, np.ndarray] | None = None
+    sources: list[str] = field(default_factory=list)  # per-image origin (file path), if any
+
+
+@dataclass
+class Splits:
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+@dataclass
+class PreparedData:
+    """What a run trains on: preprocessed images, labels, splits and a fingerprint of all of it."""
+
+    name: str
+    images: torch.Tensor  # (N, C, S, S) uint8, C = 1 (grayscale) or 3
+    labels: torch.Tensor  # (N,) int64
+    classes: list[str]
+    splits: Splits
+    preprocess: Preprocess
+    fingerprint: str  # sha256 of decoded pixels + labels of the images used
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def _elpv(cfg: ElpvDataConfig) -> RawDataset:
+    import elpv_dataset
+    from elpv_dataset.utils import load_dataset
+
+    images, probs, types = load_dataset()
+    keep = np.ones(len(probs), dtype=bool) if cfg.cell_type == "all" else types == cfg.cell_type
+    images, probs = images[keep], probs[keep]
+    if cfg.labels == "binary":
+        labels = (probs >= cfg.threshold).astype(np.int64)
+        classes = ["functional", "defective"]
+    else:
+        labels = np.rint(probs * 3).astype(np.int64)
+        classes = ["p=0", "p=1/3", "p=2/3", "p=1"]
+    src = str(Path(elpv_dataset.__file__).parent / "data")
+    return RawDataset("elpv", lambda i: images[i], labels, classes, src)
+
+
+def _scan_class_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    items = []
+    for index, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
+                items.append((path, index))
+    return classes, items
+
+
+def _read_file(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        im = im.convert("L") if im.mode in ("L", "I;16", "I") else im.convert("RGB")
+        return np.asarray(im)
+
+
+def _imagefolder(cfg: ImageFolderDataConfig) -> RawDataset:
+    root = Path(str(cfg.root)).expanduser()
+    if not root.is_dir():
+        raise ConfigError(
+            "data.root",
+            f"{root} is not a folder",
+            "pass data.root=/path/to/folder holding one subfolder per class (or train/ val/ test/)",
+        )
+    presplit = [s for s in SPLITS if (root / s).is_dir()]
+    parts = presplit or [""]
+    classes: list[str] | None = None
+    items: list[tuple[Path, int]] = []
+    given: dict[str, np.ndarray] = {}
+    for part in parts:
+        part_classes, part_items = _scan_class_folders(root / part)
+        if classes is not None and part_classes != classes:
+            raise ConfigError(
+                "data.root",
+                f"{root / part} has classes {part_classes}, {root / parts[0]} has {classes}",
+                "use the same class subfolders in every split",
+            )
+        classes = part_classes
+        given[part] = np.arange(len(items), len(items) + len(part_items))
+        items += part_items
+    assert classes is not None
+    counts = (
+        np.bincount([label for _, label in items], minlength=len(classes))
+        if items
+        else np.zeros(len(classes))
+    )
+    if len(classes) < 2:
+        raise ConfigError(
+            "data.root",
+            f"{root} has {len(classes)} class folder(s) {classes}",
+            "put each class's images in its own subfolder; at least two classes are needed",
+        )
+    empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+    if empty:
+        raise ConfigError(
+            "data.root",
+            f"class folder(s) {empty} under {root} hold no images ({', '.join(IMAGE_EXTENSIONS)})",
+            "add images or remove the empty class folders",
+        )
+    paths = [p for p, _ in items]
+    labels = np.array([label for _, label in items], dtype=np.int64)
+    given_splits = None
+    if presplit:
+        if "train" not in given or "test" not in given:
+            raise ConfigError(
+                "data.root",
+                f"{root} has {presplit} but needs at least train/ and test/",
+                "add the missing split folder, or put class folders directly under data.root",
+            )
+        given_splits = given
+    return RawDataset(
+        "imagefolder",
+        lambda i: _read_file(paths[i]),
+        labels,
+        classes,
+        str(root),
+        given_splits,
+        [str(p) for p in paths],
+    )
+
+
+def _torchvision(cfg: TorchvisionDataConfig, data_dir: str) -> RawDataset:
+    root = Path(cfg.root or Path(data_dir) / cfg.name).expanduser()
+    tv = torchvision.datasets
+    makers: dict[str, tuple[Callable[..., object], list[tuple[str, dict]]]] = {
+        "cifar10": (tv.CIFAR10, [("train", {"train": True}), ("test", {"train": False})]),
+        "flowers102": (tv.Flowers102, [(s, {"split": s}) for s in SPLITS]),
+        "oxford_iiit_pet": (
+            tv.OxfordIIITPet,
+            [("train", {"split": "trainval"}), ("test", {"split": "test"})],
+        ),
+        "dtd": (tv.DTD, [(s, {"split": s}) for s in SPLITS]),
+    }
+    maker, parts = makers[cfg.name]
+    datasets = []
+    try:
+        for _, kwargs in parts:
+            datasets.append(maker(root=str(root), download=cfg.download, **kwargs))
+    except (
+        OSError,
+        RuntimeError,
+    ) as exc:  # URLError is an OSError; a missing, undownloaded set a RuntimeError
+        raise ConfigError(
+            "data.root",
+            f"cannot load {cfg.name} from {root} ({type(exc).__name__}: {exc})".replace("\n", " "),
+            f"run once on a machine with internet (data.download=true) and copy {root} here, or use data=elpv",
+        ) from None
+    index: list[tuple[int, int]] = []
+    labels: list[int] = []
+    given: dict[str, np.ndarray] = {}
+    for d, ((split, _), ds) in enumerate(zip(parts, datasets, strict=True)):
+        targets = _targets(ds)
+        given[split] = np.arange(len(labels), len(labels) + len(targets))
+        index += [(d, i) for i in range(len(targets))]
+        labels += targets
+    classes = list(getattr(datasets[0], "classes", [])) or [str(c) for c in range(max(labels) + 1)]
+
+    def read(i: int) -> np.ndarray:
+        d, j = index[i]
+        image = datasets[d][j][0]  # type: ignore[index]
+        return np.asarray(image.convert("RGB"))
+
+    return RawDataset(cfg.name, read, np.array(labels, dtype=np.int64), classes, str(root), given)
+
+
+def _targets(ds: object) -> list[int]:
+    for attr in ("targets", "_labels"):
+        if hasattr(ds, attr):
+            return [int(t) for t in getattr(ds, attr)]
+    return [int(ds[i][1]) for i in range(len(ds))]  # type: ignore[arg-type,index]
+
+
+def synthetic_images(cfg: SyntheticDataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Class k is a grating at angle k*pi/K with a random phase and noise: learnable, not trivial."""
+    rng = np.random.default_rng(cfg.split_seed)
+    size, k = cfg.image_size, cfg.num_classes
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    images, labels = [], []
+    for label in range(k):
+        angle = math.pi * label / k
+        for _ in range(cfg.images_per_class):
+            phase = rng.uniform(0, 2 * math.pi)
+            wave = np.sin(2 * math.pi * 4 * (xx * math.cos(angle) + yy * math.sin(angle)) + phase)
+            rgb = np.stack([wave, wave * 0.5, -wave], axis=-1) + rng.normal(0, 0.3, (size, size, 3))
+            images.append(np.clip((rgb + 1.5) / 3 * 255, 0, 255).astype(np.uint8))
+            labels.append(label)
+    return np.stack(images), np.array(labels, dtype=np.int64)
+
+
+def _synthetic(cfg: SyntheticDataConfig) -> RawDataset:
+    images, labels = synthetic_images(cfg)
+    return RawDataset(
+        "synthetic",
+        lambda i: images[i],
+        labels,
+        [f"class_{c}" for c in range(cfg.num_classes)],
+        f"synthetic://{cfg.num_classes}x{cfg.images_per_class}@{cfg.image_size}px",
+    )
+
+
+def load_raw(cfg: DataConfig, data_dir: str) -> RawDataset:
+    if isinstance(cfg, ElpvDataConfig):
+        return _elpv(cfg)
+    if isinstance(cfg, ImageFolderDataConfig):
+        return _imagefolder(cfg)
+    if isinstance(cfg, TorchvisionDataConfig):
+        return _torchvision(cfg, data_dir)
+    if isinstance(cfg, SyntheticDataConfig):
+        return _synthetic(cfg)
+    raise ConfigError(
+        "data",
+        f"no loader for {type(cfg).__name__}",
+        "choose data=elpv, imagefolder, synthetic or a torchvision set",
+    )
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Cheap pre-flight checks that need no decoding (the folder exists and has >= 2 classes)."""
+    if isinstance(cfg, ImageFolderDataConfig):
+        _imagefolder(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection, splits, preprocessing
+
+
+def _stratified_subset(indices: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    if n >= len(indices):
+        return indices
+    subset, _ = train_test_split(indices, train_size=n, stratify=labels[indices], random_state=seed)
+    return np.sort(subset)
+
+
+def make_splits(raw: RawDataset, cfg: DataConfig) -> Splits:
+    """Stratified, seeded splits (Deitsch et al. 2019: 75/25 train/test), val carved from train."""
+    labels = raw.labels
+    try:
+        if raw.given_splits is None:
+            everything = _stratified_subset(
+                np.arange(len(labels)), labels, cfg.limit or len(labels), cfg.split_seed
+            )
+            train, test = train_test_split(
+                everything,
+                test_size=cfg.test_fraction,
+                stratify=labels[everything],
+                random_state=cfg.split_seed,
+            )
+        else:
+            train, test = raw.given_splits["train"], raw.given_splits["test"]
+            if cfg.limit:  # keep the given proportions
+                share = cfg.limit / (len(train) + len(test) + len(raw.given_splits.get("val", [])))
+                train = _stratified_subset(train, labels, max(2, int(len(train) * share)), cfg.split_seed)
+                test = _stratified_subset(test, labels, max(2, int(len(test) * share)), cfg.split_seed)
+        if raw.given_splits is not None and "val" in raw.given_splits:
+            val = raw.given_splits["val"]
+            if cfg.limit:
+                val = _stratified_subset(val, labels, max(2, int(len(val) * share)), cfg.split_seed)
+        else:
+            train, val = train_test_split(
+                train, test_size=cfg.val_fraction, stratify=labels[train], random_state=cfg.split_seed
+            )
+    except ValueError as exc:  # sklearn: a class too small to stratify
+        raise ConfigError(
+            "data.limit",
+            f"cannot split {raw.name} stratified ({exc})",
+            "use more images (raise data.limit) or fewer classes",
+        ) from None
+    return Splits(np.sort(np.asarray(train)), np.sort(np.asarray(val)), np.sort(np.asarray(test)))
+
+
+def preprocess_image(array: np.ndarray, pre: Preprocess) -> torch.Tensor:
+    """Resize the shorter side and centre-crop, as the weights' eval transform does. uint8 in, uint8 out."""
+    tensor = torch.tensor(array)  # a copy: source arrays may be read-only
+    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    tensor = TF.resize(
+        tensor, [pre.resize], interpolation=InterpolationMode(pre.interpolation), antialias=True
+    )
+    return TF.center_crop(tensor, [pre.crop, pre.crop])
+
+
+def prepare(cfg: DataConfig, pre: Preprocess, data_dir: str) -> PreparedData:
+    """Decode the images a run uses once, fingerprint them, and preprocess them for ``pre``."""
+    raw = load_raw(cfg, data_dir)
+    splits = make_splits(raw, cfg)
+    used = np.sort(np.concatenate([splits.train, splits.val, splits.test]))
+    digest = hashlib.sha256()
+    arrays = []
+    for i in used:
+        array = raw.read(int(i))
+        digest.update(np.ascontiguousarray(array).tobytes())
+        arrays.append(array)
+    digest.update(raw.labels[used].tobytes())
+    channels = 1 if all(a.ndim == 2 for a in arrays) else 3
+    out = torch.empty((len(used), channels, pre.crop, pre.crop), dtype=torch.uint8)
+    for row, array in enumerate(arrays):
+        if channels == 3 and array.ndim == 2:  # mixed folder: grey images become RGB
+            array = np.repeat(array[..., None], 3, axis=-1)
+        out[row] = preprocess_image(array, pre)
+    # Re-index the splits into the compact tensor of used images.
+    position = np.full(len(raw.labels), -1, dtype=np.int64)
+    position[used] = np.arange(len(used))
+    compact = Splits(position[splits.train], position[splits.val], position[splits.test])
+    return PreparedData(
+        raw.name,
+        out,
+        torch.from_numpy(raw.labels[used]),
+        raw.classes,
+        compact,
+        pre,
+        digest.hexdigest(),
+        raw.source,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-batch transforms (on the device)
+
+
+def normalize(batch: torch.Tensor, pre: Preprocess, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, C, S, S) -> float, 3 channels (grey replicated for RGB backbones), normalised."""
+    x = batch.to(dtype).div_(255)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    mean = torch.tensor(pre.mean, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips per image: label-preserving for cells, textures and photos alike."""
+    flip = torch.rand(batch.shape[0], generator=generator) < 0.5
+    batch = batch.clone()
+    batch[flip] = batch[flip].flip(-1)
+    return batch
+
+
+def class_counts(labels: torch.Tensor | Sequence[int], num_classes: int) -> list[int]:
+    return torch.bincount(torch.as_tensor(labels), minlength=num_classes).tolist()

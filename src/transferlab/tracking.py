@@ -1,0 +1,255 @@
+"""MLflow: one run per invocation, with what it takes to trust and reproduce the numbers."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import tempfile
+import traceback
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import RunStatus
+
+from transferlab.config import ConfigError, MlflowConfig
+
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "hydra-core",
+    "omegaconf",
+    "mlflow",
+    "numpy",
+    "scikit-learn",
+    "pillow",
+    "transferlab",
+)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: MLflow params are flat; lists stay one value."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _local_sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def setup_experiment(cfg: MlflowConfig) -> str:
+    """Point MLflow at the store and return the experiment id, creating it with our artifact root."""
+    db = _local_sqlite_path(cfg.tracking_uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
+    except Exception as exc:  # an unreachable server or a broken store: fail before any compute
+        raise ConfigError(
+            "mlflow.tracking_uri",
+            f"cannot reach {cfg.tracking_uri} ({type(exc).__name__}: {exc})"[:500],
+            "start the tracking server, or leave mlflow.tracking_uri at its default local store",
+        ) from None
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise ConfigError(
+                "mlflow.experiment_name",
+                f"experiment {cfg.experiment_name!r} is deleted",
+                "restore it in the MLflow UI (or `mlflow experiments restore`), or choose another name",
+            )
+        return experiment.experiment_id
+    location = cfg.artifact_location
+    if "://" not in location:
+        location = Path(location).resolve().as_uri()
+    try:
+        return mlflow.create_experiment(cfg.experiment_name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
+        experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
+        assert experiment is not None
+        return experiment.experiment_id
+
+
+def git_state(root: str) -> dict[str, str]:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": "unknown"}
+    return {"commit": commit or "unknown", "dirty": str(dirty).lower()}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@contextmanager
+def mlflow_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
+    """A run that ends FINISHED, FAILED with the error text, or KILLED on Ctrl-C; never left RUNNING."""
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.set_tag("error", "interrupted (KeyboardInterrupt)")
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException as exc:
+        mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def log_dataset(name: str, source: str, fingerprint: str, context: str, sizes: dict[str, int]) -> None:
+    """The dataset as an MLflow input: its source and a digest of the exact pixels and labels used."""
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local-file sources
+        warnings.simplefilter("ignore", UserWarning)
+        origin = (
+            resolve_dataset_source(source) if Path(source).exists() else CodeDatasetSource({"source": source})
+        )
+    dataset = MetaDataset(origin, name=name, digest=fingerprint[:32])
+    mlflow.log_input(dataset, context=context, tags={f"n_{k}": str(v) for k, v in sizes.items()})
+
+
+def log_confusion(labels: np.ndarray, preds: np.ndarray, classes: list[str], prefix: str = "test") -> None:
+    """A confusion-matrix plot and sklearn's per-class report, as artifacts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay, classification_report
+
+    label_ids = list(range(len(classes)))
+    report = classification_report(
+        labels, preds, labels=label_ids, target_names=classes, zero_division=0, digits=4
+    )
+    mlflow.log_text(report, f"{prefix}_classification_report.txt")
+    report_dict = classification_report(
+        labels, preds, labels=label_ids, target_names=classes, zero_division=0, output_dict=True
+    )
+    mlflow.log_dict(report_dict, f"{prefix}_classification_report.json")
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2.5))
+    ConfusionMatrixDisplay.from_predictions(
+        labels, preds, labels=label_ids, display_labels=classes, ax=ax, cmap="Blues", colorbar=False
+    )
+    ax.set_title(f"{prefix} confusion matrix")
+    fig.tight_layout()
+    mlflow.log_figure(fig, f"{prefix}_confusion_matrix.png")
+    plt.close(fig)
+
+
+def log_json(obj: Any, name: str) -> None:
+    mlflow.log_dict(obj, name)
+
+
+def log_state_dict(state: dict[str, Any], name: str) -> None:
+    """A plain tensor state dict (loadable with ``torch.load(weights_only=True)``), as an artifact."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        torch.save(state, path)
+        mlflow.log_artifact(str(path))
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, "-m", "transferlab.train", *sys.argv[1:]])
+
+
+def log_params(cfg: Any, raw: Any) -> None:
+    """The flattened resolved config as params, and the resolved YAML as an artifact."""
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.to_container(raw, resolve=True)
+    assert isinstance(resolved, dict)
+    params = {k: ("null" if v is None else v) for k, v in flatten(resolved).items()}
+    mlflow.log_params(params)
+    mlflow.log_text(OmegaConf.to_yaml(raw, resolve=True), "config.yaml")
+
+
+def log_epoch(row: dict[str, float], epoch: int) -> None:
+    mlflow.log_metrics(row, step=epoch)
+
+
+def log_reproducibility(cfg: Any, built: Any, data: Any, counts: dict[str, int]) -> None:
+    """Everything needed to trust and rerun the numbers; never environment variables."""
+    git = git_state(cfg.paths.root_dir)
+    record = {
+        "git": git,
+        "seed": cfg.seed,
+        "command": command_line(),
+        "weights": {"source": built.weight_source, "sha256": built.weight_sha256},
+        "preprocess": vars(built.preprocess)
+        if hasattr(built.preprocess, "__dict__")
+        else str(built.preprocess),
+        "dataset": {
+            "name": data.name,
+            "source": data.source,
+            "fingerprint": data.fingerprint,
+            "classes": data.classes,
+            "splits": data.splits.sizes(),
+        },
+        "packages": package_versions(),
+        "platform": {
+            "system": platform.platform(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+        },
+        "parameters": counts,
+    }
+    mlflow.log_dict(record, "reproducibility.json")
+    mlflow.set_tags(
+        {
+            "mlflow.source.git.commit": git["commit"],
+            "git.dirty": git["dirty"],
+            "weights.source": built.weight_source,
+            "weights.sha256": built.weight_sha256 or "none",
+            "dataset.fingerprint": data.fingerprint,
+        }
+    )
+
+
+def log_results(
+    metrics: dict[str, float],
+    labels: np.ndarray,
+    preds: np.ndarray,
+    classes: list[str],
+    model: Any,
+    device_type: str,
+) -> None:
+    """Final metrics, the confusion matrix and report, and the best model's weights."""
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    mlflow.set_tag("device", device_type)
+    log_confusion(labels, preds, classes)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    log_state_dict(state, "best_model.pt")
+    mlflow.log_dict({"classes": classes}, "classes.json")

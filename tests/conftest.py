@@ -1,0 +1,90 @@
+"""Shared fixtures: compose configs, run the real entrypoint in-process, read a temporary MLflow store."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from transferlab.config import register_configs
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# A tiny timm network with BatchNorm (random init: no download) on generated images: seconds per run.
+TINY = [
+    "data=synthetic",
+    "backbone=timm",
+    "backbone.name=test_efficientnet",
+    "backbone.weights=null",
+    "trainer.epochs=2",
+    "trainer.batch_size=8",
+    "trainer.progress=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _clean_global_state() -> Iterator[None]:
+    """Hydra and MLflow keep process-wide state; every test starts from none."""
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> list[str]:
+    """Overrides that point MLflow, logs and caches at a temporary folder."""
+    return [
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"mlflow.artifact_location={tmp_path}/artifacts",
+        f"paths.log_dir={tmp_path}/logs",
+        f"paths.cache_dir={tmp_path}/cache",
+        f"paths.data_dir={tmp_path}/data",
+        f"hydra.run.dir={tmp_path}/logs/run",
+        f"hydra.sweep.dir={tmp_path}/logs/multirun",
+    ]
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose the root config as the CLI would (without the hydra node)."""
+    register_configs()
+
+    def _compose(*overrides: str) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("train", overrides=[f"paths.output_dir={tmp_path}/out", *overrides])
+
+    return _compose
+
+
+@pytest.fixture
+def run_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
+    """Run ``python -m transferlab.train ARGS`` in this process; returns the exit code."""
+    from transferlab import train
+
+    def _run(*args: str) -> int:
+        GlobalHydra.instance().clear()
+        monkeypatch.setattr(sys, "argv", ["transferlab.train", *args])
+        try:
+            train.main()
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        finally:
+            while mlflow.active_run():
+                mlflow.end_run()
+        return 0
+
+    return _run
+
+
+def runs_in(tmp_path: Path, experiment: str = "transferlab"):  # noqa: ANN201 - a DataFrame
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    return mlflow.search_runs(experiment_names=[experiment], search_all_experiments=False)

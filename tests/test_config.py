@@ -1,0 +1,154 @@
+"""Every option of every config group composes and validates; bad settings fail naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from transferlab.config import (
+    AdamConfig,
+    ConfigError,
+    ElpvDataConfig,
+    ImageFolderDataConfig,
+    SGDConfig,
+    SyntheticDataConfig,
+    TrainConfig,
+    to_typed,
+)
+
+from .conftest import CONF_DIR
+
+# Options that need one more key to be complete (the rest compose as they are).
+NEEDS = {
+    ("backbone", "timm"): ["backbone.name=resnet18"],
+    ("backbone", "torchvision"): ["backbone.name=resnet18"],
+}
+
+
+def options() -> list[tuple[str, str]]:
+    groups = ["backbone", "mode", "optimizer", "data", "trainer", "mlflow", "paths"]
+    return [(g, p.stem) for g in groups for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "option"), options(), ids=lambda v: str(v))
+def test_every_option_composes_and_validates(compose_cfg, tmp_path: Path, group: str, option: str) -> None:
+    extra = list(NEEDS.get((group, option), []))
+    if (group, option) == ("data", "imagefolder"):
+        extra.append(f"data.root={tmp_path}")
+    cfg = to_typed(compose_cfg(f"{group}={option}", *extra))
+    assert isinstance(cfg, TrainConfig)
+    node = getattr(cfg, group)
+    if group in ("backbone", "mode", "data"):
+        assert node.name == (option if (group, option) not in NEEDS else "resnet18")
+
+
+def test_default_is_the_embedded_job(compose_cfg) -> None:
+    cfg = to_typed(compose_cfg())
+    assert (cfg.backbone.name, cfg.backbone.source, cfg.backbone.weights) == (
+        "efficientnet_lite0",
+        "bundled",
+        "imagenet",
+    )
+    assert isinstance(cfg.data, ElpvDataConfig) and cfg.data.test_fraction == 0.25
+    assert isinstance(cfg.optimizer, AdamConfig)
+    # Absolute store at the repository root, whatever the working directory.
+    assert cfg.mlflow.tracking_uri == f"sqlite:///{CONF_DIR.parent}/mlflow.db"
+
+
+@pytest.mark.parametrize(("mode", "lr"), [("feature_extract", 1e-3), ("full_finetune", 1e-4)])
+def test_learning_rate_follows_the_mode(compose_cfg, mode: str, lr: float) -> None:
+    """Gotcha: full fine-tuning wants a ~10x lower learning rate than a frozen-backbone head."""
+    for optimizer in ("adam", "adamw", "sgd"):
+        cfg = to_typed(compose_cfg(f"mode={mode}", f"optimizer={optimizer}"))
+        assert cfg.optimizer.lr == lr
+    assert to_typed(compose_cfg(f"mode={mode}", "optimizer.lr=0.02")).optimizer.lr == 0.02
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optimizer.lr=-0.1", "optimizer.lr"),
+        ("optimizer.weight_decay=-1", "optimizer.weight_decay"),
+        ("trainer.epochs=0", "trainer.epochs"),
+        ("trainer.batch_size=0", "trainer.batch_size"),
+        ("trainer.device=tpu", "trainer.device"),
+        ("trainer.monitor=auc", "trainer.monitor"),
+        ("data.test_fraction=1.5", "data.test_fraction"),
+        ("data.val_fraction=0", "data.val_fraction"),
+        ("data.limit=2", "data.limit"),
+        ("data.labels=three", "data.labels"),
+        ("data.cell_type=cdte", "data.cell_type"),
+        ("backbone.image_size=8", "backbone.image_size"),
+        ("mlflow.experiment_name=' '", "mlflow.experiment_name"),
+    ],
+)
+def test_range_checks_name_the_key(compose_cfg, override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        to_typed(compose_cfg(override))
+    assert info.value.key == key
+    assert "Fix:" in str(info.value)
+
+
+def test_imagefolder_requires_root(compose_cfg) -> None:
+    with pytest.raises(ConfigError, match=r"data.root: is required"):
+        to_typed(compose_cfg("data=imagefolder"))
+
+
+def test_schema_rejects_unknown_keys_and_wrong_types(compose_cfg) -> None:
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_cfg("trainer.epoch=3")  # misspelt key
+    assert "Key 'epoch' not in 'TrainerConfig'" in str(info.value.__cause__)
+    with pytest.raises(
+        ConfigError, match=r"trainer.epoch: is not a known key. Fix: did you mean trainer.epochs"
+    ):
+        to_typed(compose_cfg("+trainer.epoch=3"))  # `+` opens Hydra's struct mode; the schema still refuses
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_cfg("trainer.epochs=three")
+    assert isinstance(info.value.__cause__, ValidationError)
+    with pytest.raises(ConfigCompositionException, match="backbone/resnet19"):
+        compose_cfg("backbone=resnet19")
+
+
+def test_optimizer_schemas_are_per_option(compose_cfg) -> None:
+    assert isinstance(to_typed(compose_cfg("optimizer=sgd")).optimizer, SGDConfig)
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg("optimizer=sgd", "optimizer.betas=[0.9,0.99]")  # SGD has no betas
+    assert isinstance(to_typed(compose_cfg("data=synthetic")).data, SyntheticDataConfig)
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg("data=synthetic", "data.cell_type=mono")  # an ELPV-only key
+
+
+def test_imagefolder_schema(compose_cfg, tmp_path: Path) -> None:
+    cfg = to_typed(compose_cfg("data=imagefolder", f"data.root={tmp_path}"))
+    assert isinstance(cfg.data, ImageFolderDataConfig) and cfg.data.root == str(tmp_path)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "transferlab.train", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_help_and_cfg_job() -> None:
+    """What a Hydra user types first: --help lists groups and public keys; --cfg job prints the config."""
+    helped = _cli("--help")
+    assert helped.returncode == 0
+    for text in (
+        "backbone: ",
+        "efficientnet_lite0",
+        "mode: feature_extract, full_finetune",
+        "optimizer.lr",
+        "data.limit",
+        "mlflow.experiment_name",
+    ):
+        assert text in helped.stdout, text
+    shown = _cli("--cfg", "job", "mode=full_finetune")
+    assert shown.returncode == 0
+    assert "name: full_finetune" in shown.stdout and "lr: ${mode.lr}" in shown.stdout
+    completion = _cli("--shell-completion", "install=bash")
+    assert completion.returncode == 0 and "complete" in completion.stdout

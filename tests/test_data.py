@@ -1,0 +1,116 @@
+"""Datasets: ELPV as published, a user's image folder, torchvision sets offline, stratified splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferlab.backbones import Preprocess
+from transferlab.config import (
+    ConfigError,
+    ElpvDataConfig,
+    ImageFolderDataConfig,
+    SyntheticDataConfig,
+    TorchvisionDataConfig,
+)
+from transferlab.data import load_raw, make_splits, prepare
+
+SMALL = Preprocess(resize=36, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
+
+
+def test_elpv_binary_split_as_deitsch_et_al() -> None:
+    raw = load_raw(ElpvDataConfig(), "")
+    assert len(raw.labels) == 2624 and raw.classes == ["functional", "defective"]
+    splits = make_splits(raw, ElpvDataConfig())
+    n_test, n_trainval = len(splits.test), len(splits.train) + len(splits.val)
+    assert n_test == 656 and n_trainval == 1968  # stratified 75/25
+    assert len(set(splits.train) | set(splits.val) | set(splits.test)) == 2624
+    share = raw.labels.mean()
+    for part in (splits.train, splits.val, splits.test):
+        assert abs(raw.labels[part].mean() - share) < 0.02
+    # Seeded: the same split every time, independent of the training seed.
+    again = make_splits(raw, ElpvDataConfig())
+    assert (again.test == splits.test).all()
+
+
+def test_elpv_options() -> None:
+    four = load_raw(ElpvDataConfig(labels="four_class"), "")
+    assert sorted(set(four.labels.tolist())) == [0, 1, 2, 3]
+    mono = load_raw(ElpvDataConfig(cell_type="mono"), "")
+    poly = load_raw(ElpvDataConfig(cell_type="poly"), "")
+    assert len(mono.labels) + len(poly.labels) == 2624 and len(mono.labels) > 0
+
+
+def test_limit_is_stratified() -> None:
+    cfg = ElpvDataConfig(limit=200)
+    data = prepare(cfg, SMALL, "")
+    assert len(data.labels) == 200
+    assert data.images.shape == (200, 1, 32, 32)  # grey kept as one channel until the batch
+    assert abs(data.labels.float().mean().item() - load_raw(ElpvDataConfig(), "").labels.mean()) < 0.02
+
+
+def _folder(root: Path, classes: dict[str, int], size: tuple[int, int] = (20, 24)) -> None:
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.new("RGB", size, (10 * i, 100 if name == "a" else 200, 0)).save(root / name / f"{i}.png")
+
+
+def test_imagefolder_split_here(tmp_path: Path) -> None:
+    _folder(tmp_path, {"a": 12, "b": 12})
+    (tmp_path / ".hidden").mkdir()  # ignored, as are hidden files
+    (tmp_path / "a" / ".DS_Store").write_text("x")
+    data = prepare(ImageFolderDataConfig(root=str(tmp_path)), SMALL, "")
+    assert data.classes == ["a", "b"] and len(data.labels) == 24
+    assert sum(data.splits.sizes().values()) == 24 and data.splits.sizes()["test"] == 6
+
+
+def test_imagefolder_presplit(tmp_path: Path) -> None:
+    _folder(tmp_path / "train", {"a": 8, "b": 8})
+    _folder(tmp_path / "test", {"a": 3, "b": 3})
+    data = prepare(ImageFolderDataConfig(root=str(tmp_path)), SMALL, "")
+    assert data.splits.sizes() == {"train": 14, "val": 2, "test": 6}
+    _folder(tmp_path / "val", {"a": 2, "b": 2})
+    data = prepare(ImageFolderDataConfig(root=str(tmp_path)), SMALL, "")
+    assert data.splits.sizes() == {"train": 16, "val": 4, "test": 6}
+
+
+def test_imagefolder_bad_layouts(tmp_path: Path) -> None:
+    _folder(tmp_path / "one", {"a": 4})
+    with pytest.raises(ConfigError, match="at least two classes"):
+        load_raw(ImageFolderDataConfig(root=str(tmp_path / "one")), "")
+    _folder(tmp_path / "empty", {"a": 4})
+    (tmp_path / "empty" / "b").mkdir()
+    with pytest.raises(ConfigError, match=r"\['b'\] .* hold no images"):
+        load_raw(ImageFolderDataConfig(root=str(tmp_path / "empty")), "")
+    _folder(tmp_path / "mismatch" / "train", {"a": 4, "b": 4})
+    _folder(tmp_path / "mismatch" / "test", {"a": 4, "c": 4})
+    with pytest.raises(ConfigError, match="same class subfolders"):
+        load_raw(ImageFolderDataConfig(root=str(tmp_path / "mismatch")), "")
+
+
+def test_torchvision_dataset_offline_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets.utils as tv_utils
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(tv_utils, "download_url", no_network)
+    with pytest.raises(ConfigError) as info:
+        load_raw(TorchvisionDataConfig(name="cifar10", root=str(tmp_path / "cifar10")), "")
+    assert info.value.key == "data.root" and "machine with internet" in info.value.fix
+    with pytest.raises(ConfigError, match="Dataset not found"):
+        load_raw(TorchvisionDataConfig(name="dtd", root=str(tmp_path / "dtd"), download=False), "")
+
+
+def test_synthetic_is_learnable_and_seeded() -> None:
+    a = prepare(SyntheticDataConfig(num_classes=3), SMALL, "")
+    b = prepare(SyntheticDataConfig(num_classes=3), SMALL, "")
+    assert a.fingerprint == b.fingerprint and a.num_classes == 3
+    assert prepare(SyntheticDataConfig(num_classes=3, split_seed=1), SMALL, "").fingerprint != a.fingerprint
+    assert np.unique(a.labels.numpy()).tolist() == [0, 1, 2]

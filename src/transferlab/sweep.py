@@ -249,14 +249,15 @@ def _failed_child(info: SweepInfo, name: str, num: int, error: str, text: str) -
     return run.info.run_id
 
 
-def _own_last_run(info: SweepInfo, num: int) -> str | None:
-    """The run this job started in this process, if it got that far."""
-    last = mlflow.last_active_run()
-    if last is None:
-        return None
-    tags = last.data.tags
-    ours = tags.get(MLFLOW_PARENT_RUN_ID) == info.parent_run_id and tags.get("sweep.job") == str(num)
-    return last.info.run_id if ours else None
+def _own_run(info: SweepInfo, num: int) -> str | None:
+    """The child run this job started, if it got that far (searched: it may run in any process)."""
+    runs = MlflowClient(info.tracking_uri).search_runs(
+        [info.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{info.parent_run_id}' and tags.`sweep.job` = '{num}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def summarize(records: list[dict[str, Any]]) -> str:
@@ -317,9 +318,17 @@ class MlflowSweepCallback(Callback):
         global _current
         if config.hydra.mode != RunMode.MULTIRUN:
             return
+        current, _current = _current, None
+        failed = job_return.status == JobStatus.FAILED
+        exc = job_return._return_value if failed else None  # the property would re-raise it
+        error = f"{type(exc).__name__}: {exc}" if failed else ""
+        if failed:
+            # Before anything that could fail: Hydra turns a callback's exception into a warning,
+            # and a still-FAILED JobReturn would stop the BasicSweeper at the end of this batch.
+            job_return.status = JobStatus.COMPLETED
+            job_return.return_value = FailedJob(error, list(config.hydra.overrides.task))
         sweep_dir = str(config.hydra.sweep.dir)
         info = SweepInfo.load(sweep_dir)
-        current, _current = _current, None
         if info is None:
             return
         num = int(config.hydra.job.num)
@@ -333,22 +342,21 @@ class MlflowSweepCallback(Callback):
         record: dict[str, Any] = {"num": num, "overrides": overrides, "swept": swept}
         if current is not None:
             record |= {"name": current.run_name, "config_hash": current.tags[CONFIG_HASH]}
-        if job_return.status == JobStatus.FAILED:
-            exc = job_return._return_value  # the property would re-raise it
-            error = f"{type(exc).__name__}: {exc}"
-            run_id = _own_last_run(info, num)
+        if failed:
+            assert exc is not None
+            run_id = _own_run(info, num)
             if run_id is None:  # failed before its run started: still a FAILED child in the tree
                 name = record.get("name") or job_name(overrides, info.axes, info.groups, num)
                 text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                 run_id = _failed_child(info, name, num, error, text)
             record |= {"status": "failed", "run_id": run_id, "error": error[:2000]}
-            log.error("job #%d failed (%s): %s", num, " ".join(overrides), error)
-            job_return.status = JobStatus.COMPLETED
-            job_return.return_value = FailedJob(error, overrides)
+            # A bad value is one line; anything else keeps its traceback (also in the run's error.txt).
+            trace = None if isinstance(exc, ConfigError) else exc
+            log.error("job #%d failed (%s): %s", num, " ".join(swept or overrides), error, exc_info=trace)
         elif current is not None and current.done is not None:
             record |= {"status": "skipped", "run_id": current.done_run_id}
         else:
-            record |= {"status": "finished", "run_id": _own_last_run(info, num)}
+            record |= {"status": "finished", "run_id": _own_run(info, num)}
         _record(info, sweep_dir, record)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -78,7 +78,6 @@ class SweepInfo:
     name: str
     axes: list[str]  # the swept keys, in display order
     groups: list[str]  # config groups (their values are option names, shown bare)
-    resume: bool
 
     @staticmethod
     def path(sweep_dir: str | Path) -> Path:
@@ -305,10 +304,7 @@ class MlflowSweepCallback(Callback):
                 "sweep.launcher": str(OmegaConf.select(config, "hydra.launcher._target_")),
             },
         )
-        resume = bool(OmegaConf.select(config, "sweep.resume", default=True))
-        info = SweepInfo(
-            parent.info.run_id, experiment_id, mlflow_cfg.tracking_uri, name, axes, groups, resume
-        )
+        info = SweepInfo(parent.info.run_id, experiment_id, mlflow_cfg.tracking_uri, name, axes, groups)
         info.save(sweep_dir)
         client.log_dict(parent.info.run_id, OmegaConf.to_container(config.hydra.overrides), "overrides.json")
         atexit.register(_end_abandoned, info)  # Ctrl-C, or a sweeper that raised: never left RUNNING

@@ -187,7 +187,13 @@ def job(cfg: TrainConfig) -> Job | None:
     global _current
     hc = HydraConfig.get()
     info = SweepInfo.load(hc.sweep.dir)
-    if info is None:  # callbacks removed from the config: a multirun without a parent run
+    if info is None:  # the callback is not configured: a multirun without a parent run
+        if hc.callbacks and any(
+            "MlflowSweepCallback" in str(c.get("_target_")) for c in hc.callbacks.values()
+        ):
+            log.warning(
+                "no %s: this job is not linked to its sweep's parent run", SweepInfo.path(hc.sweep.dir)
+            )
         return None
     num = int(hc.job.num)
     overrides = list(hc.overrides.task)

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
@@ -42,7 +41,7 @@ from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.config import ConfigError, MlflowConfig, SweepConfig, TrainConfig
+from transferlab.config import ConfigError, MlflowConfig, TrainConfig
 
 log = logging.getLogger("transferlab.sweep")
 
@@ -207,8 +206,7 @@ def job(cfg: TrainConfig) -> Job | None:
     }
     current = Job(num, overrides, job_name(overrides, info.axes, info.groups, num), tags)
     if cfg.sweep.resume:
-        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-        earlier = MlflowClient().search_runs(
+        earlier = MlflowClient(cfg.mlflow.tracking_uri).search_runs(
             [info.experiment_id],
             filter_string=f"tags.{CONFIG_HASH} = '{digest}' and attributes.status = 'FINISHED' "
             f"and tags.`{ROLE}` = 'job'",
@@ -403,7 +401,6 @@ __all__ = [
     "FailedJob",
     "Job",
     "MlflowSweepCallback",
-    "SweepConfig",
     "SweepInfo",
     "config_hash",
     "job",

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 UI_PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow lint format ui clean clean-cache
+.PHONY: help install demo test test-slow lint format ui report clean clean-cache
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,6 +38,9 @@ format: $(STAMP) ## ruff format and autofix
 
 ui: $(STAMP) ## serve the MLflow UI for the local store on 127.0.0.1:$(UI_PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
+
+report: $(STAMP) ## aggregate a sweep from MLflow: make report EXPERIMENT=elpv_fe_vs_ft (or PARENT=<parent run id>)
+	$(BIN)/python -m transferlab.report $(if $(PARENT),--parent-run $(PARENT),--experiment $(or $(EXPERIMENT),elpv_fe_vs_ft))
 
 clean-cache: ## empty the caches under .cache/
 	rm -rf .cache

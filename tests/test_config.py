@@ -31,7 +31,9 @@ NEEDS = {
 
 
 def options() -> list[tuple[str, str]]:
-    groups = ["backbone", "mode", "optimizer", "data", "trainer", "mlflow", "paths"]
+    # experiment / hparams_search are `@package _global_` deltas (each also runs in tests/test_sweep.py).
+    groups = ["backbone", "mode", "optimizer", "data", "trainer", "mlflow", "paths", "sweep", "experiment"]
+    groups += ["hparams_search"]
     return [(g, p.stem) for g in groups for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 
 
@@ -42,8 +44,8 @@ def test_every_option_composes_and_validates(compose_cfg, tmp_path: Path, group:
         extra.append(f"data.root={tmp_path}")
     cfg = to_typed(compose_cfg(f"{group}={option}", *extra))
     assert isinstance(cfg, TrainConfig)
-    node = getattr(cfg, group)
     if group in ("backbone", "mode", "data"):
+        node = getattr(cfg, group)
         assert node.name == (option if (group, option) not in NEEDS else "resnet18")
 
 
@@ -85,6 +87,7 @@ def test_learning_rate_follows_the_mode(compose_cfg, mode: str, lr: float) -> No
         ("data.cell_type=cdte", "data.cell_type"),
         ("backbone.image_size=8", "backbone.image_size"),
         ("mlflow.experiment_name=' '", "mlflow.experiment_name"),
+        ("sweep.name=' '", "sweep.name"),
     ],
 )
 def test_range_checks_name_the_key(compose_cfg, override: str, key: str) -> None:

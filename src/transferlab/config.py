@@ -274,6 +274,20 @@ class MlflowConfig:
 
 
 @dataclass
+class SweepConfig:
+    """How a multirun is tracked: one MLflow parent run; jobs whose config already FINISHED are skipped."""
+
+    # The parent run's name; None: the experiment config's name, else the swept overrides.
+    name: str | None = None
+    # Skip a job whose config hash has a FINISHED sweep job in this experiment (re-launch resumes).
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not self.name.strip():
+            raise ConfigError("sweep.name", "is empty", "name the sweep, or use sweep.name=null")
+
+
+@dataclass
 class PathsConfig:
     root_dir: str = MISSING
     data_dir: str = MISSING
@@ -294,6 +308,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
 
 
@@ -324,6 +339,7 @@ def register_configs() -> None:
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="mlflow", name="schema", node=MlflowConfig)
     cs.store(group="paths", name="schema", node=PathsConfig)
+    cs.store(group="sweep", name="schema", node=SweepConfig)
 
 
 def _reject_unknown_keys(node: Any, typed: Any, prefix: str = "") -> None:

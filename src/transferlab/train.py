@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from transferlab import tracking
+from transferlab import sweep, tracking
 from transferlab.backbones import TransferModel, build_backbone, check_backbone_name, split_head
 from transferlab.config import ConfigError, TrainConfig, register_configs, to_typed
 from transferlab.data import check_data, class_counts, prepare
@@ -56,9 +56,16 @@ def preflight(cfg: TrainConfig) -> str:
 
 
 def train(
-    cfg: TrainConfig, raw: DictConfig, choices: dict[str, str], overrides: list[str]
+    cfg: TrainConfig,
+    raw: DictConfig,
+    choices: dict[str, str],
+    overrides: list[str],
+    job: sweep.Job | None = None,
 ) -> dict[str, float]:
-    """Run one experiment from a typed config; return its metrics (``test_*``, ``best_val_*``)."""
+    """Run one experiment from a typed config; return its metrics (``test_*``, ``best_val_*``).
+
+    ``job``: in a multirun, the child run's name and tags (parent run, config hash).
+    """
     experiment_id = preflight(cfg)
     mode = MODES[cfg.mode.name]
     seed_everything(cfg.seed)  # before any module is built: random init and the head depend on it
@@ -70,8 +77,13 @@ def train(
         "backbone": cfg.backbone.name,
         "dataset": cfg.data.name,
         "seed": str(cfg.seed),
+        sweep.CONFIG_HASH: sweep.config_hash(cfg),
     }
-    with tracking.mlflow_run(experiment_id, cfg.mlflow.run_name, tags) as run:
+    run_name = cfg.mlflow.run_name
+    if job is not None:
+        tags |= job.tags
+        run_name = run_name or job.run_name
+    with tracking.mlflow_run(experiment_id, run_name, tags) as run:
         started = time.perf_counter()
         tracking.log_params(cfg, raw)
         tracking.log_json(
@@ -142,7 +154,10 @@ def main(raw: DictConfig) -> float:
     choices, overrides, multirun = hydra_context()
     try:
         cfg = to_typed(raw)
-        metrics = train(cfg, raw, choices, overrides)
+        job = sweep.job(cfg) if multirun else None  # a child of the sweep's MLflow parent run
+        if job is not None and job.done is not None:  # a re-launched sweep: this config FINISHED
+            return float(job.done.get(f"best_val_{cfg.trainer.monitor}", float("nan")))
+        metrics = train(cfg, raw, choices, overrides, job)
     except ConfigError as exc:
         if multirun:  # let the sweep record this job as failed and go on
             raise

@@ -1,0 +1,471 @@
+"""The ablation report: read a sweep back from MLflow, aggregate over seeds, test fine-tune vs frozen.
+
+python -m transferlab.report --experiment elpv_fe_vs_ft     # every sweep job in the experiment
+python -m transferlab.report --parent-run RUN_ID            # one sweep (its MLflow parent run)
+
+Groups the runs by the swept axes (``sweep.axes`` of the parent runs; ``seed`` is the replicate),
+and writes mean ± std and n of test accuracy, balanced accuracy, macro-F1, wall time and trainable
+parameters; per backbone (every non-mode axis), full_finetune minus feature_extract with a paired
+t-test over seeds (``scipy.stats.ttest_rel``, pairs matched by seed). Markdown (printed), LaTeX and
+CSV, and PNG plots, in ``--out`` and as artifacts under ``report/``: of the parent run for
+``--parent-run``; of a new run named ``report`` (tag ``sweep.role=report``) for ``--experiment``,
+since an experiment can hold several sweeps (a widened sweep is a second parent).
+
+Each config (tag ``config_hash``) counts once: its newest FINISHED run. Configs with no FINISHED run
+are listed as failed, never averaged in. Bad input exits 2 with one line naming the fix; a sweep
+with no FINISHED job exits 1 after listing its failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from transferlab.config import repo_root
+from transferlab.sweep import CONFIG_HASH, NAME_ORDER, ROLE
+
+# metric -> (column header, scale, decimals)
+METRICS: dict[str, tuple[str, float, int]] = {
+    "test_accuracy": ("test acc (%)", 100.0, 2),
+    "test_balanced_accuracy": ("bal. acc (%)", 100.0, 2),
+    "test_macro_f1": ("macro-F1 (%)", 100.0, 2),
+    "wall_time_s": ("wall time (s)", 1.0, 1),
+    "trainable_params": ("trainable params", 1.0, 0),
+}
+PAIRED = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1")
+BASE, TREATED = "feature_extract", "full_finetune"  # difference = TREATED - BASE
+
+
+class ReportError(Exception):
+    """Bad input or nothing to report: one line for the user, and the exit code."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Selection:
+    """The runs one report covers, and where its artifacts go."""
+
+    title: str
+    experiment_id: str
+    axes: list[str]
+    runs: list[Run]
+    parent_run_id: str | None = None  # None: a report over a whole experiment
+    notes: list[str] = field(default_factory=list)
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root()}/mlflow.db"
+
+
+def _check_store(uri: str) -> None:
+    """A missing SQLite file would be created empty by MLflow: say so instead."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ReportError(
+            f"--tracking-uri: no MLflow store at {uri.removeprefix('sqlite:///')}. "
+            "Fix: run a sweep first, or pass --tracking-uri sqlite:////path/to/mlflow.db"
+        )
+
+
+def _role(run: Run) -> str | None:
+    return run.data.tags.get(ROLE)
+
+
+def _axes_of(parent: Run) -> list[str]:
+    return list(json.loads(parent.data.tags.get("sweep.axes", "[]")))
+
+
+def _reused_runs(client: MlflowClient, parent: Run) -> list[Run]:
+    """Runs a re-launched sweep skipped (already FINISHED under an earlier parent): still its results."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(parent.info.run_id, "sweep_jobs.json", tmp)
+        except (MlflowException, OSError):  # the sweep is still running, or was interrupted
+            return []
+        records = json.loads(Path(path).read_text())["jobs"]
+    ids = [r["run_id"] for r in records if r["status"] == "skipped" and r.get("run_id")]
+    return [client.get_run(i) for i in ids]
+
+
+def select_parent(client: MlflowClient, run_id: str) -> Selection:
+    try:
+        parent = client.get_run(run_id)
+    except MlflowException:
+        raise ReportError(
+            f"--parent-run: no run {run_id!r} in this store. "
+            "Fix: copy the id the sweep printed (`report: python -m transferlab.report --parent-run ...`) "
+            "or use --experiment NAME"
+        ) from None
+    if _role(parent) != "parent":
+        hint = parent.data.tags.get(MLFLOW_PARENT_RUN_ID)
+        fix = f"pass its parent, --parent-run {hint}" if hint else "pass the id of a sweep's parent run"
+        raise ReportError(f"--parent-run: run {run_id} is not a sweep's parent run. Fix: {fix}")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'"
+    )
+    runs = list(children) + _reused_runs(client, parent)
+    name = parent.data.tags.get("sweep.name", parent.info.run_name or run_id)
+    return Selection(name, parent.info.experiment_id, _axes_of(parent), runs, parent_run_id=run_id)
+
+
+def select_experiment(client: MlflowClient, name: str) -> Selection:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        known = sorted(e.name for e in client.search_experiments())
+        raise ReportError(f"--experiment: no experiment {name!r} in this store. Fix: use one of {known}")
+    runs = client.search_runs([experiment.experiment_id], max_results=50000)
+    parents = [r for r in runs if _role(r) == "parent"]
+    axes: list[str] = []
+    for parent in sorted(parents, key=lambda r: r.info.start_time):
+        axes += [a for a in _axes_of(parent) if a not in axes]
+    jobs = [r for r in runs if _role(r) not in ("parent", "report")]
+    return Selection(name, experiment.experiment_id, axes, jobs)
+
+
+def dedupe(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """Per config hash, the newest FINISHED run; configs without one are the failures."""
+    by_config: dict[str, list[Run]] = {}
+    for run in runs:
+        by_config.setdefault(run.data.tags.get(CONFIG_HASH) or run.info.run_id, []).append(run)
+    finished, failed = [], []
+    for group in by_config.values():
+        group.sort(key=lambda r: r.info.start_time, reverse=True)
+        done = [r for r in group if r.info.status == "FINISHED"]
+        (finished if done else failed).append(done[0] if done else group[0])
+    return finished, failed
+
+
+def axis_value(run: Run, axis: str) -> str:
+    """A group's option by its ``name`` (``backbone.name``), else the param, else the choice tag."""
+    params, tags = run.data.params, run.data.tags
+    for key in (f"{axis}.name", axis):
+        if key in params:
+            return params[key]
+    return tags.get(f"choice.{axis}", "?")
+
+
+def runs_frame(runs: list[Run], axes: list[str]) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name}
+        row |= {a: axis_value(run, a) for a in axes if a != "seed"}
+        row["seed"] = int(run.data.params.get("seed", -1))
+        row["status"] = run.info.status
+        row |= {m: run.data.metrics.get(m, math.nan) for m in METRICS}
+        row["error"] = run.data.tags.get("error", "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
+    """mean, std (over seeds, ddof=1) and n per group and metric, as numbers."""
+    keys = groups or ["_all"]  # nothing swept but seeds: one group
+    stats = df.assign(_all="all").groupby(keys, sort=True)[list(METRICS)].agg(["mean", "std", "count"])
+    stats.columns = [f"{m}_{s}" for m, s in stats.columns]
+    stats = stats.reset_index().drop(columns=[c for c in ("_all",) if c in keys])
+    stats.insert(len(groups), "n", stats[f"{next(iter(METRICS))}_count"].astype(int))
+    return stats.drop(columns=[c for c in stats.columns if c.endswith("_count")])
+
+
+def paired(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame | None:
+    """TREATED - BASE per combination of the other axes, paired by seed (``ttest_rel``)."""
+    from scipy.stats import ttest_rel
+
+    if "mode" not in groups or not {BASE, TREATED} <= set(df["mode"]):
+        return None
+    others = [g for g in groups if g != "mode"]
+    rows = []
+    for key, part in df.groupby(others, sort=True) if others else [((), df)]:
+        key = key if isinstance(key, tuple) else (key,)
+        wide = part.pivot_table(index="seed", columns="mode", values=list(PAIRED), aggfunc="first")
+        row: dict[str, Any] = dict(zip(others, key, strict=True))
+        pairs = wide.dropna()
+        row["n_pairs"] = len(pairs) if {BASE, TREATED} <= set(part["mode"]) else 0
+        for metric in PAIRED:
+            if row["n_pairs"] == 0:
+                row |= {f"{metric}_diff_mean": math.nan, f"{metric}_diff_std": math.nan}
+                row |= {f"{metric}_t": math.nan, f"{metric}_p": math.nan}
+                continue
+            treated, base = pairs[(metric, TREATED)].to_numpy(), pairs[(metric, BASE)].to_numpy()
+            diff = treated - base
+            row[f"{metric}_diff_mean"] = float(diff.mean())
+            row[f"{metric}_diff_std"] = float(diff.std(ddof=1)) if len(diff) > 1 else math.nan
+            with warnings.catch_warnings():  # n < 2 or identical differences: no test, NaN
+                warnings.simplefilter("ignore")
+                test = ttest_rel(treated, base) if len(diff) > 1 else None
+            row[f"{metric}_t"] = float(test.statistic) if test is not None else math.nan
+            row[f"{metric}_p"] = float(test.pvalue) if test is not None else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell(mean: float, std: float, metric: str, pm: str) -> str:
+    _, scale, decimals = METRICS[metric]
+    if math.isnan(mean):
+        return "–"
+    if metric == "trainable_params":
+        text = f"{mean:,.0f}"
+        return text if math.isnan(std) or std == 0 else f"{text} {pm} {std:,.0f}"
+    text = f"{mean * scale:.{decimals}f}"
+    return text if math.isnan(std) else f"{text} {pm} {std * scale:.{decimals}f}"
+
+
+def _num(value: float, fmt: str) -> str:
+    return "–" if math.isnan(value) else format(value, fmt)
+
+
+def display_tables(stats: pd.DataFrame, diffs: pd.DataFrame | None, groups: list[str], pm: str):  # noqa: ANN201
+    """The two tables as strings, ``pm`` being ``±`` (Markdown) or ``$\\pm$`` (LaTeX)."""
+    table = stats[groups + ["n"]].copy()
+    for metric, (header, _, _) in METRICS.items():
+        table[header] = [
+            _cell(m, s, metric, pm)
+            for m, s in zip(stats[f"{metric}_mean"], stats[f"{metric}_std"], strict=True)
+        ]
+    if diffs is None:
+        return table, None
+    others = [g for g in groups if g != "mode"]
+    diff_table = diffs[others + ["n_pairs"]].copy()
+    for metric in PAIRED:
+        header = METRICS[metric][0].split(" (")[0]
+        diff_table[f"Δ {header} (pp)"] = [
+            "–" if math.isnan(m) else _cell(m, s, metric, pm)
+            for m, s in zip(diffs[f"{metric}_diff_mean"], diffs[f"{metric}_diff_std"], strict=True)
+        ]
+        diff_table[f"p ({header})"] = [_num(p, ".3g") for p in diffs[f"{metric}_p"]]
+    return table, diff_table
+
+
+def markdown(df: pd.DataFrame) -> str:
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+_LATEX_SPECIAL = re.compile(r"([_%&#{}])")
+
+
+def latex(df: pd.DataFrame, caption: str) -> str:
+    """A booktabs table; cells already carry ``$\\pm$``, so only names are escaped."""
+    escaped = df.copy()
+    escaped.columns = [_LATEX_SPECIAL.sub(r"\\\1", str(c)).replace("Δ", r"$\Delta$") for c in df.columns]
+    for col in escaped.columns:
+        escaped[col] = [_LATEX_SPECIAL.sub(r"\\\1", str(v)).replace("–", "--") for v in escaped[col]]
+    caption = _LATEX_SPECIAL.sub(r"\\\1", caption).replace("±", r"$\pm$")
+    return escaped.to_latex(index=False, escape=False, caption=caption, column_format="l" * len(df.columns))
+
+
+def _shown(axis: str, value: object) -> str:
+    """A group's option bare (``efficientnet_lite0``), any other key as ``key=value``."""
+    return str(value) if axis in NAME_ORDER else f"{axis}={value}"
+
+
+def _label(row: pd.Series, axes: list[str]) -> str:
+    return " · ".join(_shown(a, row[a]) for a in axes) or "all"
+
+
+def plot_bars(stats: pd.DataFrame, groups: list[str], metric: str, path: Path) -> None:
+    """Mean ± std per group: categories = the non-mode axes, one bar per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    header, scale, _ = METRICS[metric]
+    others = [g for g in groups if g != "mode"]
+    modes = list(dict.fromkeys(stats["mode"])) if "mode" in groups else [None]
+    cats = list(dict.fromkeys(_label(r, others) for _, r in stats.iterrows()))
+    width = 0.8 / len(modes)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(cats) + 2), 4))
+    for i, mode in enumerate(modes):
+        part = stats if mode is None else stats[stats["mode"] == mode]
+        where = {_label(r, others): r for _, r in part.iterrows()}
+        means = [where[c][f"{metric}_mean"] * scale if c in where else np.nan for c in cats]
+        stds = [np.nan_to_num(where[c][f"{metric}_std"] * scale) if c in where else 0 for c in cats]
+        xs = np.arange(len(cats)) + (i - (len(modes) - 1) / 2) * width
+        ax.bar(xs, means, width, yerr=stds, capsize=4, label=mode or metric)
+    ax.set_xticks(np.arange(len(cats)), cats, rotation=15 if len(cats) > 3 else 0)
+    ax.set_ylabel(header)
+    ax.set_title(f"{header}: mean ± std over seeds")
+    if modes != [None]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(client: MlflowClient, df: pd.DataFrame, groups: list[str], path: Path) -> None:
+    """Validation accuracy per epoch, one panel per mode, mean ± std over seeds per other group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    others = [g for g in groups if g != "mode"]
+    modes = sorted(set(df["mode"])) if "mode" in groups else ["all"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False, sharey=True)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        part = df if mode == "all" else df[df["mode"] == mode]
+        for label, runs in part.groupby(others, sort=False) if others else [("all", part)]:
+            curves = []
+            for run_id in runs["run_id"]:
+                history = client.get_metric_history(run_id, "val_accuracy")
+                curves.append(pd.Series({m.step: m.value for m in history}, dtype=float))
+            if not curves:
+                continue
+            table = pd.concat(curves, axis=1).sort_index() * 100
+            mean, std = table.mean(axis=1), table.std(axis=1).fillna(0)
+            values = label if isinstance(label, tuple) else (label,)
+            name = " · ".join(_shown(a, v) for a, v in zip(others, values, strict=False)) or "all"
+            ax.plot(mean.index + 1, mean, marker="o", label=f"{name} (n={table.shape[1]})")
+            ax.fill_between(mean.index + 1, mean - std, mean + std, alpha=0.2)
+        ax.set_title(mode)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("validation accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build(client: MlflowClient, selection: Selection, out: Path) -> str:
+    """Write every table and plot into ``out``; return the Markdown report."""
+    finished, failed = dedupe(selection.runs)
+    groups = [a for a in selection.axes if a != "seed"]
+    failed_df = runs_frame(failed, selection.axes)
+    failures = ""
+    if failed:
+        listing = failed_df[["run_name", "status", "error"]].copy()
+        listing["error"] = [e.replace("|", "/").replace("\n", " ")[:200] for e in listing["error"]]
+        failures = (
+            f"\n\n## Not averaged in: {len(failed)} run(s) without a FINISHED result\n\n{markdown(listing)}"
+        )
+    if not finished:
+        raise ReportError(
+            f"{selection.title}: none of its {len(selection.runs)} run(s) FINISHED, nothing to average."
+            f"{failures}\n\nFix: read the errors above, fix them, and re-launch the sweep "
+            "(it reruns only what did not finish)",
+            code=1,
+        )
+    df = runs_frame(finished, selection.axes)
+    stats = summary(df, groups)
+    diffs = paired(df, groups)
+    table, diff_table = display_tables(stats, diffs, groups, "±")
+    tex_table, tex_diff = display_tables(stats, diffs, groups, r"$\pm$")
+
+    out.mkdir(parents=True, exist_ok=True)
+    pd.concat([df, failed_df]).to_csv(out / "runs.csv", index=False)
+    stats.to_csv(out / "summary.csv", index=False)
+    tex = [latex(tex_table, f"{selection.title}: mean ± std over seeds (n runs).")]
+    parts = [
+        f"# {selection.title}",
+        f"{len(finished)} FINISHED run(s) grouped by {', '.join(groups) or '(nothing swept)'}; "
+        "mean ± std (sample std over seeds) and n.",
+        markdown(table),
+    ]
+    if diffs is not None and diff_table is not None:
+        diffs.to_csv(out / "paired.csv", index=False)
+        tex.append(latex(tex_diff, f"{TREATED} minus {BASE}, paired by seed (ttest_rel)."))
+        parts += [
+            f"## {TREATED} − {BASE}, paired by seed",
+            "Mean ± std of the per-seed differences in percentage points; p: two-sided paired t-test "
+            "(`scipy.stats.ttest_rel`), – where fewer than two pairs.",
+            markdown(diff_table),
+        ]
+    text = "\n\n".join(parts) + failures + "\n"
+    (out / "report.md").write_text(text)
+    (out / "report.tex").write_text("\n\n".join(tex))
+    plot_bars(stats, groups, "test_accuracy", out / "test_accuracy.png")
+    plot_bars(stats, groups, "wall_time_s", out / "wall_time.png")
+    plot_curves(client, df, groups, out / "val_curves.png")
+    return text
+
+
+def publish(client: MlflowClient, selection: Selection, out: Path) -> str:
+    """Log ``out`` under ``report/``: to the parent run, or to a new ``report`` run of the experiment."""
+    if selection.parent_run_id is not None:
+        client.log_artifacts(selection.parent_run_id, str(out), "report")
+        return selection.parent_run_id
+    run = client.create_run(
+        selection.experiment_id,
+        run_name="report",
+        tags={ROLE: "report", "report.runs": str(len(selection.runs))},
+    )
+    client.log_artifacts(run.info.run_id, str(out), "report")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:80] or "report"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m transferlab.report",
+        description="Aggregate a sweep's MLflow runs over seeds: tables (Markdown, LaTeX, CSV), "
+        "a paired fine-tune vs feature-extraction test, and plots.",
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--experiment", help="every sweep job of this MLflow experiment")
+    which.add_argument("--parent-run", help="one sweep: the id of its MLflow parent run")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or <repo>/mlflow.db"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default: logs/reports/<name>")
+    parser.add_argument("--no-log", action="store_true", help="write files only, log nothing to MLflow")
+    args = parser.parse_args(argv)
+
+    uri = args.tracking_uri or default_tracking_uri()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stdout the report
+    try:
+        _check_store(uri)
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        if args.parent_run:
+            selection = select_parent(client, args.parent_run)
+        else:
+            selection = select_experiment(client, args.experiment)
+        if not selection.runs:
+            what = f"experiment {args.experiment!r}" if args.experiment else f"parent run {args.parent_run}"
+            raise ReportError(
+                f"{what} has no sweep jobs. Fix: run a sweep into it, e.g. "
+                "python -m transferlab.train -m experiment=elpv_fe_vs_ft"
+            )
+        out = args.out or Path(repo_root()) / "logs" / "reports" / _slug(selection.title)
+        text = build(client, selection, out)
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    print(text)
+    print(f"files: {out}")
+    if not args.no_log:
+        run_id = publish(client, selection, out)
+        print(f"logged under report/ of MLflow run {run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

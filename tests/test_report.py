@@ -1,0 +1,189 @@
+"""``python -m transferlab.report``: a real tiny sweep read back from MLflow, and its bad inputs."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+from mlflow import MlflowClient
+from scipy.stats import ttest_rel
+
+from transferlab import report
+
+from .conftest import TINY
+
+EXPERIMENT = "elpv_fe_vs_ft"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _store(root: Path) -> list[str]:
+    return [
+        f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
+        f"mlflow.artifact_location={root}/artifacts",
+        f"paths.log_dir={root}/logs",
+        f"paths.cache_dir={root}/cache",
+        f"paths.data_dir={root}/data",
+        f"hydra.sweep.dir={root}/logs/multirun",
+    ]
+
+
+def _launch(*args: str) -> int:
+    from transferlab import train
+
+    GlobalHydra.instance().clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["transferlab.train", *args])
+        try:
+            train.main()
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        finally:
+            GlobalHydra.instance().clear()
+            while mlflow.active_run():
+                mlflow.end_run()
+    return 0
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """The experiment's sweep on a tiny model: mode x seed 0,1 x data.limit (4 fails: too few images)."""
+    root = tmp_path_factory.mktemp("swept")
+    code = _launch(
+        "-m",
+        f"experiment={EXPERIMENT}",
+        *TINY,
+        *_store(root),
+        "trainer.epochs=2",
+        "seed=0,1",
+        "data.limit=4,48",
+    )
+    assert code == 1  # the data.limit=4 jobs failed
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT])
+    parent = runs[runs["tags.sweep.role"] == "parent"].iloc[0]
+    yield root, parent["run_id"]
+
+
+def _report(root: Path, *args: str) -> int:
+    return report.main([*args, "--tracking-uri", f"sqlite:///{root}/mlflow.db"])
+
+
+def _children(root: Path, parent: str) -> pd.DataFrame:
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT])
+    return runs[runs["tags.mlflow.parentRunId"] == parent]
+
+
+def test_report_of_a_parent_run(swept, tmp_path: Path, capsys) -> None:
+    root, parent = swept
+    out = tmp_path / "report"
+    assert _report(root, "--parent-run", parent, "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert f"# {EXPERIMENT}" in printed and "grouped by mode, data.limit" in printed
+    assert "| feature_extract | 48 | 2 |" in printed and "| full_finetune | 48 | 2 |" in printed
+
+    # mean / std / n over seeds, against the runs read back independently.
+    children = _children(root, parent)
+    done = children[children["status"] == "FINISHED"]
+    stats = pd.read_csv(out / "summary.csv")
+    assert len(stats) == 2 and set(stats["n"]) == {2} and set(stats["data.limit"]) == {48}
+    for mode, expected in done.groupby("params.mode.name"):
+        row = stats[stats["mode"] == mode].iloc[0]
+        for metric in ("test_accuracy", "wall_time_s", "trainable_params"):
+            values = expected[f"metrics.{metric}"]
+            assert row[f"{metric}_mean"] == pytest.approx(values.mean())
+            assert row[f"{metric}_std"] == pytest.approx(values.std(ddof=1), nan_ok=True)
+    paired = pd.read_csv(out / "paired.csv")
+    assert paired["n_pairs"].tolist() == [2]
+
+    # The failed jobs are listed, not averaged in.
+    text = (out / "report.md").read_text()
+    assert "Not averaged in: 4 run(s)" in text and "cannot split synthetic" in text
+    assert "data.limit=4" in text
+    assert r"\begin{tabular}" in (out / "report.tex").read_text()
+    for png in ("test_accuracy.png", "wall_time.png", "val_curves.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+    logged = {a.path for a in MlflowClient().list_artifacts(parent, "report")}
+    assert {
+        f"report/{n}" for n in ("report.md", "report.tex", "summary.csv", "paired.csv", "val_curves.png")
+    } <= logged
+
+
+def test_report_of_an_experiment_is_its_own_run(swept, tmp_path: Path, capsys) -> None:
+    root, _ = swept
+    for _ in range(2):  # a second report does not count the first as a job
+        assert _report(root, "--experiment", EXPERIMENT, "--out", str(tmp_path / "r")) == 0
+        assert "| feature_extract | 48 | 2 |" in capsys.readouterr().out
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT])
+    reports = runs[runs["tags.sweep.role"] == "report"]
+    assert len(reports) == 2 and set(reports["status"]) == {"FINISHED"}
+    assert "report/summary.csv" in {
+        a.path for a in MlflowClient().list_artifacts(reports.iloc[0]["run_id"], "report")
+    }
+
+
+def test_paired_difference_matches_scipy_paired_by_seed() -> None:
+    rng = np.random.default_rng(0)
+    rows = []
+    for backbone in ("b0", "b1"):
+        for seed in (0, 1, 2):
+            for mode in ("feature_extract", "full_finetune"):
+                rows.append(
+                    {"backbone": backbone, "mode": mode, "seed": seed}
+                    | {m: rng.uniform(0.5, 0.9) for m in report.METRICS}
+                )
+    df = pd.DataFrame(rows).sample(frac=1, random_state=1)  # pairing must not rely on order
+    diffs = report.paired(df, ["backbone", "mode"]).set_index("backbone")
+    for backbone in ("b0", "b1"):
+        part = df[df["backbone"] == backbone].sort_values("seed")
+        ft = part[part["mode"] == "full_finetune"]["test_accuracy"].to_numpy()
+        fe = part[part["mode"] == "feature_extract"]["test_accuracy"].to_numpy()
+        expected = ttest_rel(ft, fe)
+        row = diffs.loc[backbone]
+        assert row["n_pairs"] == 3
+        assert row["test_accuracy_diff_mean"] == pytest.approx((ft - fe).mean())
+        assert row["test_accuracy_t"] == pytest.approx(expected.statistic)
+        assert row["test_accuracy_p"] == pytest.approx(expected.pvalue)
+    assert report.paired(df[df["mode"] == "full_finetune"], ["backbone", "mode"]) is None
+
+
+def _one_error_line(capsys, needle: str) -> None:
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert err[0].startswith("error: ") and needle in captured.err and "Fix:" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_bad_input_is_a_clear_message_and_exit_2(swept, tmp_path: Path, capsys) -> None:
+    root, parent = swept
+    assert _report(root, "--parent-run", "0123456789abcdef") == 2
+    _one_error_line(capsys, "no run '0123456789abcdef'")
+    child = _children(root, parent).iloc[0]["run_id"]
+    assert _report(root, "--parent-run", child) == 2
+    _one_error_line(capsys, f"pass its parent, --parent-run {parent}")
+    assert _report(root, "--experiment", "nonexistent") == 2
+    _one_error_line(capsys, f"Fix: use one of ['Default', '{EXPERIMENT}']")
+    MlflowClient(f"sqlite:///{root}/mlflow.db").create_experiment("empty")
+    assert _report(root, "--experiment", "empty") == 2
+    _one_error_line(capsys, "experiment 'empty' has no sweep jobs")
+    assert report.main(["--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"]) == 2
+    _one_error_line(capsys, "no MLflow store at")
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_a_sweep_whose_jobs_all_failed_exits_1(run_cli, store, tmp_path: Path, capsys) -> None:
+    assert run_cli("-m", *TINY, *store, "data.limit=4") == 1
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["transferlab"])
+    parent = runs[runs["tags.sweep.role"] == "parent"].iloc[0]["run_id"]
+    capsys.readouterr()
+    assert report.main(["--parent-run", parent, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and "none of its 1 run(s) FINISHED" in captured.err
+    assert "cannot split synthetic" in captured.err and "Traceback" not in captured.err

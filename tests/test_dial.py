@@ -153,6 +153,8 @@ def test_trainable_parameter_counts_per_mode(backbone: str) -> None:
     ("backbone", "batchnorm"), [(b, "train") for b in BACKBONES] + [("resnet18", "frozen")]
 )
 def test_partial_changes_exactly_the_chosen_stages(backbone: str, batchnorm: str) -> None:
+    """With batchnorm=frozen on resnet18: timm's random init zeroes each block's last BN weight, and
+    a frozen zero there would (correctly) stop every gradient into the block; torchvision's does not."""
     model, built = _model(backbone)
     (stage,) = schedule(_mode("partial", trainable_stages=2, batchnorm=batchnorm), 1, 1e-2)
     mode = enter_stage(model, stage)
@@ -182,7 +184,7 @@ def test_partial_changes_exactly_the_chosen_stages(backbone: str, batchnorm: str
             assert not torch.equal(tensor, before[key]), key  # every trained weight moved
 
 
-@pytest.mark.parametrize("backbone", ["test_efficientnet", "resnet18"])
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet"])  # timm BatchNormAct2d, BatchNorm2d
 def test_batchnorm_frozen_means_eval_mode_and_no_gradient(backbone: str) -> None:
     model, built = _model(backbone)
     (stage,) = schedule(_mode("full_finetune", batchnorm="frozen"), 1, 1e-2)
@@ -205,7 +207,7 @@ def test_batchnorm_frozen_means_eval_mode_and_no_gradient(backbone: str) -> None
 
 
 def test_batchnorm_train_updates_running_statistics() -> None:
-    model, built = _model("resnet18")
+    model, built = _model("test_resnet")
     (stage,) = schedule(_mode("full_finetune", batchnorm="train"), 1, 1e-2)
     mode = enter_stage(model, stage)
     before = _snapshot(model.backbone)
@@ -314,7 +316,7 @@ def _artifact(client: MlflowClient, run_id: str, path: str, tmp_path: Path) -> P
 def test_lp_ft_probe_head_equals_a_feature_extraction_run(run_cli, store, tmp_path: Path) -> None:
     """The probe stage *is* feature extraction: same seed and epochs, the same head, bit for bit."""
     assert run_cli(*TINY, *store, "mode=feature_extract", "trainer.epochs=3", "seed=5") == 0
-    assert run_cli(*TINY, *store, "mode=lp_ft", "mode.probe_epochs=3", "trainer.epochs=2", "seed=5") == 0
+    assert run_cli(*TINY, *store, "mode=lp_ft", "mode.probe_epochs=3", "trainer.epochs=1", "seed=5") == 0
     runs = runs_in(tmp_path).set_index("params.mode.name")
     client = MlflowClient()
     fe, lp = runs.loc["feature_extract"], runs.loc["lp_ft"]
@@ -327,22 +329,22 @@ def test_lp_ft_probe_head_equals_a_feature_extraction_run(run_cli, store, tmp_pa
     assert lp["metrics.probe_test_accuracy"] == fe["metrics.test_accuracy"]
     assert lp["metrics.probe_best_val_accuracy"] == fe["metrics.best_val_accuracy"]
 
-    # One run, one step axis: probe epochs 0-2, fine-tune epochs 3-4, the stage on every step.
+    # One run, one step axis: probe epochs 0-2, the fine-tune epoch 3, the stage on every step.
     history = {
         m: client.get_metric_history(lp["run_id"], m) for m in ("val_loss", "stage", "lr_head", "lr_backbone")
     }
-    assert [m.step for m in history["val_loss"]] == [0, 1, 2, 3, 4]
-    assert [m.value for m in history["stage"]] == [0, 0, 0, 1, 1]
-    assert [m.value for m in history["lr_head"]] == [1e-3] * 3 + [1e-4] * 2
-    assert [m.value for m in history["lr_backbone"]] == [0.0] * 3 + [1e-4] * 2
+    assert [m.step for m in history["val_loss"]] == [0, 1, 2, 3]
+    assert [m.value for m in history["stage"]] == [0, 0, 0, 1]
+    assert [m.value for m in history["lr_head"]] == [1e-3, 1e-3, 1e-3, 1e-4]
+    assert [m.value for m in history["lr_backbone"]] == [0.0, 0.0, 0.0, 1e-4]
     fe_val = [m.value for m in client.get_metric_history(fe["run_id"], "val_loss")]
     assert [m.value for m in history["val_loss"]][:3] == fe_val
-    assert (lp["params.stage.probe.steps"], lp["params.stage.finetune.steps"]) == ("0-2", "3-4")
+    assert (lp["params.stage.probe.steps"], lp["params.stage.finetune.steps"]) == ("0-2", "3-3")
     assert (
         lp["params.stage.probe.trainable"] == "head only" and lp["params.stage.finetune.trainable"] == "all"
     )
     assert lp["metrics.trainable_params"] == lp["metrics.total_params"]
-    assert 3 <= lp["metrics.best_epoch"] <= 4  # the tested model comes from the fine-tune stage
+    assert lp["metrics.best_epoch"] == 3  # the tested model comes from the fine-tune stage
     assert "stage" not in client.get_run(fe["run_id"]).data.metrics  # single-stage runs: no stage metric
 
 

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from mlflow import MlflowClient
+from omegaconf import DictConfig, OmegaConf
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
@@ -41,7 +44,7 @@ from transferlab.modes import (
 from transferlab.optim import layer_decay_groups, param_groups
 from transferlab.train import make_model
 
-from .conftest import TINY, runs_in
+from .conftest import CONF_DIR, TINY, runs_in
 
 NUM_CLASSES = 3
 BACKBONES = {
@@ -372,3 +375,24 @@ def test_too_many_stages_is_one_clear_line_and_no_run(run_cli, store, tmp_path: 
     assert err[-1].startswith("error: mode.trainable_stages: test_resnet has 5 stages (conv1+bn1, layer1")
     assert "Fix: use 1..5" in err[-1]
     assert len(runs_in(tmp_path)) == 0
+
+
+def _experiment(name: str) -> str:
+    """``experiment=NAME``, or ``+experiment=NAME`` while the root defaults list has no experiment slot."""
+    defaults = OmegaConf.load(CONF_DIR / "train.yaml").defaults
+    slot = any(isinstance(d, DictConfig) and "experiment" in d for d in defaults)
+    return f"{'' if slot else '+'}experiment={name}"
+
+
+def test_the_elpv_dial_experiment_composes_and_runs_a_tiny_step(run_cli, store, tmp_path: Path) -> None:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[_experiment("elpv_dial")], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params.mode.split(",")) == set(MODES)
+    assert params.backbone.split(",") == [f"efficientnet_lite{i}" for i in range(3)]
+    assert params.seed == "0,1,2" and cfg.data.name == "elpv" and cfg.mlflow.experiment_name == "elpv_dial"
+    # One tiny step of its most involved arm, on generated data (the command line wins).
+    overrides = [*TINY, *store, "mlflow.experiment_name=transferlab", "mode=lp_ft", "mode.probe_epochs=1"]
+    assert run_cli(_experiment("elpv_dial"), *overrides, "trainer.epochs=1") == 0
+    assert runs_in(tmp_path).iloc[0]["status"] == "FINISHED"

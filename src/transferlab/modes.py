@@ -139,8 +139,9 @@ def structural_matcher(backbone: nn.Module, coarse: bool) -> Callable[[str], tup
                 inside = True
                 stage = backbone.get_submodule(prefix)
                 block = name[len(prefix) + 1 :].split(".")[0]
-                blocks = isinstance(stage, nn.Sequential | nn.ModuleList) and len(stage) > 1
-                ordinals[name] = (1, i) if coarse or not blocks else (1, i, list(stage._modules).index(block))
+                children = [child for child, _ in stage.named_children()]
+                blocks = isinstance(stage, nn.Sequential | nn.ModuleList) and len(children) > 1
+                ordinals[name] = (1, i) if coarse or not blocks else (1, i, children.index(block))
                 break
         else:
             ordinals[name] = (1, len(trunk) - 1, *MATCH_PREV_GROUP) if inside else (0,)

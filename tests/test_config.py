@@ -20,6 +20,7 @@ from transferlab.config import (
     TrainConfig,
     to_typed,
 )
+from transferlab.modes import MODES
 
 from .conftest import CONF_DIR
 
@@ -97,6 +98,38 @@ def test_range_checks_name_the_key(compose_cfg, override: str, key: str) -> None
     assert "Fix:" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["mode=partial", "mode.trainable_stages=0"], "mode.trainable_stages"),
+        (["mode=lp_ft", "mode.probe_epochs=0"], "mode.probe_epochs"),
+        (["mode=lp_ft", "mode.probe_lr=0"], "mode.probe_lr"),
+        (["mode=full_finetune", "mode.backbone_lr_scale=0"], "mode.backbone_lr_scale"),
+        (["mode=partial", "mode.layer_decay=1.5"], "mode.layer_decay"),
+        (["mode=lp_ft", "mode.batchnorm=eval"], "mode.batchnorm"),
+        (["mode=feature_extract", "mode.name=partial"], "mode.name"),  # partial's keys are missing
+        (["mode=partial", "mode.name=full_finetune"], "mode.name"),  # trainable_stages would be unread
+    ],
+)
+def test_mode_checks_name_the_key(compose_cfg, overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        to_typed(compose_cfg(*overrides))
+    assert info.value.key == key and "Fix:" in str(info.value)
+
+
+def test_mode_keys_belong_to_their_modes(compose_cfg) -> None:
+    """Airtight: a key a mode does not read is refused at compose time, naming the key."""
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg("mode=feature_extract", "mode.layer_decay=0.75")  # nothing to decay
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg("mode=full_finetune", "mode.trainable_stages=2")  # a partial-only key
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg("mode=partial", "mode.probe_epochs=2")  # an lp_ft-only key
+    cfg = to_typed(compose_cfg("mode=lp_ft", "mode.layer_decay=0.7", "mode.batchnorm=frozen"))
+    assert (cfg.mode.probe_epochs, cfg.mode.probe_lr, cfg.optimizer.lr) == (5, 1e-3, 1e-4)
+    assert (cfg.mode.layer_decay, cfg.mode.batchnorm) == (0.7, "frozen")
+
+
 def test_imagefolder_requires_root(compose_cfg) -> None:
     with pytest.raises(ConfigError, match=r"data.root: is required"):
         to_typed(compose_cfg("data=imagefolder"))
@@ -144,12 +177,15 @@ def test_cli_help_and_cfg_job() -> None:
     for text in (
         "backbone: ",
         "efficientnet_lite0",
-        "mode: feature_extract, full_finetune",
+        "mode: feature_extract,",
+        "mode.trainable_stages",
         "optimizer.lr",
         "data.limit",
         "mlflow.experiment_name",
     ):
         assert text in helped.stdout, text
+    mode_line = next(line for line in helped.stdout.splitlines() if line.startswith("mode: "))
+    assert set(MODES) <= set(mode_line.removeprefix("mode: ").split(", "))
     shown = _cli("--cfg", "job", "mode=full_finetune")
     assert shown.returncode == 0
     assert "name: full_finetune" in shown.stdout and "lr: ${mode.lr}" in shown.stdout

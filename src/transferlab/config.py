@@ -71,7 +71,10 @@ class BackboneConfig:
 
 @dataclass
 class ModeConfig:
-    """How much of the backbone trains. ``lr`` is the mode's default for ``optimizer.lr``."""
+    """How much of the backbone trains. ``lr`` is the mode's default for ``optimizer.lr``.
+
+    Each mode has its own schema (below), so every key a mode file holds is one its code reads.
+    """
 
     name: str = MISSING
     lr: float = MISSING
@@ -81,7 +84,91 @@ class ModeConfig:
 
         if self.name not in MODES:
             raise ConfigError("mode.name", f"unknown mode {self.name!r}", f"use one of {sorted(MODES)}")
+        schema = MODE_SCHEMAS[self.name]
+        if type(self) is not schema:  # e.g. `mode=feature_extract mode.name=partial`
+            raise ConfigError(
+                "mode.name",
+                f"mode {self.name!r} needs the {schema.__name__} schema, this file extends {type(self).__name__}",
+                f"choose the mode with mode={self.name} (or start your mode file from its schema)",
+            )
         _positive("mode.lr", self.lr, "use e.g. 1e-3 for feature extraction, 1e-4 for fine-tuning")
+
+
+@dataclass
+class FinetuneModeConfig(ModeConfig):
+    """A mode that trains (part of) the backbone: discriminative learning rates and the BN policy."""
+
+    # Backbone lr = optimizer.lr x backbone_lr_scale (the head keeps optimizer.lr).
+    backbone_lr_scale: float = 1.0
+    # Layer-wise lr decay (BEiT / timm): each backbone layer below the top runs at layer_decay x the
+    # one above it. null: one lr for the whole backbone. When set, biases and norm weights get no
+    # weight decay (timm's param_groups_layer_decay convention).
+    layer_decay: float | None = None
+    # frozen: every BatchNorm stays in eval mode with no gradient (running stats and affine fixed);
+    # train: BatchNorm in trained parts updates like any layer.
+    batchnorm: str = "train"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(
+            "mode.backbone_lr_scale",
+            self.backbone_lr_scale,
+            "use e.g. 0.1 for a backbone 10x slower than the head; mode=feature_extract freezes it",
+        )
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(
+                "mode.layer_decay",
+                f"must be in (0, 1] or null, got {self.layer_decay}",
+                "use e.g. mode.layer_decay=0.75, or null for one backbone lr",
+            )
+        if self.batchnorm not in ("frozen", "train"):
+            raise ConfigError(
+                "mode.batchnorm", f"unknown policy {self.batchnorm!r}", "use mode.batchnorm=frozen or train"
+            )
+
+
+@dataclass
+class PartialModeConfig(FinetuneModeConfig):
+    """Only the last ``trainable_stages`` stages of the backbone train (the stem counts as stage 0)."""
+
+    trainable_stages: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.trainable_stages < 1:
+            raise ConfigError(
+                "mode.trainable_stages",
+                f"must be >= 1, got {self.trainable_stages}",
+                "use 1 or more (mode=feature_extract trains no stage)",
+            )
+
+
+@dataclass
+class LpFtModeConfig(FinetuneModeConfig):
+    """Linear probe (frozen backbone, ``probe_epochs`` at ``probe_lr``), then full fine-tuning from
+    that head for ``trainer.epochs`` at ``optimizer.lr`` (Kumar et al., ICLR 2022)."""
+
+    probe_epochs: int = 5
+    probe_lr: float = 1.0e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.probe_epochs < 1:
+            raise ConfigError(
+                "mode.probe_epochs",
+                f"must be >= 1, got {self.probe_epochs}",
+                "use 1 or more (mode=full_finetune has no probe stage)",
+            )
+        _positive("mode.probe_lr", self.probe_lr, "use e.g. mode.probe_lr=1e-3")
+
+
+# Which schema each mode name needs (the registry of names is modes.MODES).
+MODE_SCHEMAS: dict[str, type[ModeConfig]] = {
+    "feature_extract": ModeConfig,
+    "full_finetune": FinetuneModeConfig,
+    "partial": PartialModeConfig,
+    "lp_ft": LpFtModeConfig,
+}
 
 
 @dataclass
@@ -329,6 +416,9 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="backbone", name="schema", node=BackboneConfig)
     cs.store(group="mode", name="schema", node=ModeConfig)
+    cs.store(group="mode", name="finetune_schema", node=FinetuneModeConfig)
+    cs.store(group="mode", name="partial_schema", node=PartialModeConfig)
+    cs.store(group="mode", name="lp_ft_schema", node=LpFtModeConfig)
     cs.store(group="optimizer", name="adam_schema", node=AdamConfig)
     cs.store(group="optimizer", name="adamw_schema", node=AdamWConfig)
     cs.store(group="optimizer", name="sgd_schema", node=SGDConfig)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import subprocess
 import sys
 import tempfile
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +24,7 @@ from mlflow.entities import RunStatus
 
 from transferlab.config import ConfigError, MlflowConfig
 
+_log = logging.getLogger("transferlab.tracking")
 PACKAGES = (
     "torch",
     "torchvision",
@@ -253,3 +255,55 @@ def log_results(
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     log_state_dict(state, "best_model.pt")
     mlflow.log_dict({"classes": classes}, "classes.json")
+
+
+def log_stage(
+    stage: Any, mode: Any, groups: list[dict[str, Any]], counts: dict[str, int], index: int, of: int
+) -> Callable[[dict[str, float], int], None]:
+    """Record a stage (what trains, at which lrs, over which steps); return its per-epoch logger.
+
+    Params ``stage.<name>.*`` say what trained and at which learning rates, ``stages/<name>.json``
+    lists every parameter group and its tensors. Each epoch also logs ``lr_head`` and ``lr_backbone``
+    (0 when frozen), and in runs of several stages ``stage`` (0, 1, ...), so the MLflow charts show
+    where one stage ends: all stages share the metric names and one step axis.
+    """
+    head = next(g for g in groups if g["name"] == "head")
+    backbone_lrs = [g["lr"] for g in groups if g["name"] != "head"]
+    last = stage.first_step + stage.epochs - 1
+    prefix = f"stage.{stage.name}"
+    trainable = ",".join(mode.trainable) if mode.trainable else "head only"
+    mlflow.log_params(
+        {
+            f"{prefix}.steps": f"{stage.first_step}-{last}",
+            f"{prefix}.lr_head": head["lr"],
+            f"{prefix}.lr_backbone": (
+                f"{min(backbone_lrs):.3g}..{max(backbone_lrs):.3g}" if backbone_lrs else "frozen"
+            ),
+            f"{prefix}.trainable": trainable[:6000],
+            f"{prefix}.trainable_params": counts["trainable_params"],
+            f"{prefix}.eval_modules": len(mode.eval_modules),
+        }
+    )
+    mlflow.log_dict(
+        {
+            "stage": vars(stage),
+            "trainable_stages": list(mode.trainable),
+            "eval_modules": list(mode.eval_modules),
+            "param_groups": groups,
+        },
+        f"stages/{stage.name}.json",
+    )
+    _log.info(
+        "stage %s (steps %d-%d): %s trainable parameters (%s), head lr %g, backbone lr %s",
+        stage.name,
+        stage.first_step,
+        last,
+        f"{counts['trainable_params']:,}",
+        trainable,
+        head["lr"],
+        f"{min(backbone_lrs):.3g}..{max(backbone_lrs):.3g}" if backbone_lrs else "frozen",
+    )
+    extra = {"lr_head": float(head["lr"]), "lr_backbone": float(max(backbone_lrs, default=0.0))}
+    if of > 1:
+        extra["stage"] = float(index)
+    return lambda row, step: log_epoch({**row, **extra}, step)

@@ -2,6 +2,7 @@
 
 python -m transferlab.train                                   # feature extraction, ELPV, EfficientNet-Lite0
 python -m transferlab.train mode=full_finetune backbone=resnet50 trainer.epochs=5
+python -m transferlab.train mode=lp_ft mode.probe_epochs=5 trainer.epochs=5  # linear probe, then fine-tune
 python -m transferlab.train --help                            # config groups and public keys
 """
 
@@ -26,8 +27,17 @@ from transferlab import sweep, tracking
 from transferlab.backbones import TransferModel, build_backbone, check_backbone_name, split_head
 from transferlab.config import ConfigError, TrainConfig, register_configs, to_typed
 from transferlab.data import check_data, class_counts, prepare
-from transferlab.engine import Runner
-from transferlab.modes import MODES, Mode, count_parameters, freeze_backbone, trainable_parameters
+from transferlab.engine import FitResult, Runner
+from transferlab.modes import (
+    MODES,
+    Mode,
+    check_stages,
+    count_parameters,
+    enter_stage,
+    freeze_backbone,
+    schedule,
+)
+from transferlab.optim import describe, param_groups
 
 log = logging.getLogger("transferlab.train")
 # Absolute, so the entrypoint finds conf/ both as `python -m transferlab.train` and when imported.
@@ -55,6 +65,12 @@ def preflight(cfg: TrainConfig) -> str:
     return tracking.setup_experiment(cfg.mlflow)
 
 
+def best_metrics(fit: FitResult, prefix: str = "best_") -> dict[str, float]:
+    """The validation metrics of the epoch that was kept (the best on ``trainer.monitor``)."""
+    best_row = next(row for row in fit.history if row["epoch"] == fit.best_epoch)
+    return {f"{prefix}{k}": v for k, v in best_row.items() if k.startswith("val_")}
+
+
 def train(
     cfg: TrainConfig,
     raw: DictConfig,
@@ -67,13 +83,13 @@ def train(
     ``job``: in a multirun, the child run's name and tags (parent run, config hash).
     """
     experiment_id = preflight(cfg)
-    mode = MODES[cfg.mode.name]
     seed_everything(cfg.seed)  # before any module is built: random init and the head depend on it
     # Weights before the run starts: a backbone that cannot be had here is bad input, not a failed run.
     built = build_backbone(cfg.backbone)
+    check_stages(cfg.mode, built.model, cfg.backbone.name)  # mode=partial: enough stages to train
     tags = {f"choice.{group}": str(option) for group, option in choices.items()}
     tags |= {
-        "mode": mode.name,
+        "mode": cfg.mode.name,
         "backbone": cfg.backbone.name,
         "dataset": cfg.data.name,
         "seed": str(cfg.seed),
@@ -103,39 +119,45 @@ def train(
         for context in ("train", "val", "test"):
             tracking.log_dataset(data.name, data.source, data.fingerprint, context, sizes)
 
-        model = make_model(built.model, mode, data.num_classes)
-        optimizer = instantiate(cfg.optimizer)(trainable_parameters(model))  # only these reach it
-        counts = {
-            "trainable_params": count_parameters(model, lambda p: p.requires_grad),
-            "total_params": count_parameters(model),
-            "head_params": count_parameters(model.head),
-        }
+        # The backbone starts frozen under its new head; each stage unfreezes what it trains.
+        model = make_model(built.model, MODES["feature_extract"], data.num_classes)
+        counts = {"total_params": count_parameters(model), "head_params": count_parameters(model.head)}
         tracking.log_reproducibility(cfg, built, data, counts)
-        log.info(
-            "%s: %s trainable of %s parameters, lr %g",
-            mode.name,
-            f"{counts['trainable_params']:,}",
-            f"{counts['total_params']:,}",
-            cfg.optimizer.lr,
-        )
+        stages = schedule(cfg.mode, cfg.trainer.epochs, cfg.optimizer.lr)  # lp_ft: probe, then finetune
+        metrics: dict[str, float] = {}
+        feature_seconds = 0.0
+        for index, stage in enumerate(stages):
+            mode = enter_stage(model, stage)  # which parameters train, which modules stay in eval mode
+            groups = param_groups(model, stage, cfg.optimizer.weight_decay)  # lr per head/backbone/layer
+            optimizer = instantiate(cfg.optimizer)(groups)  # only trainable parameters reach it
+            counts["trainable_params"] = count_parameters(model, lambda p: p.requires_grad)
+            epoch_log = tracking.log_stage(stage, mode, describe(model, groups), counts, index, len(stages))
+            runner = Runner(model, data, mode, cfg.trainer, cfg.seed, augment_inputs=cfg.data.augment)
+            if not runner.frozen_features and not mode.trains_backbone:
+                log.info(
+                    "data.augment=true: the frozen backbone runs on every batch (features change per epoch)"
+                )
+            fit = runner.fit(optimizer, stage.epochs, epoch_log, start_epoch=stage.first_step)
+            feature_seconds += fit.feature_seconds
+            runner.load_best(fit)  # the best-on-validation checkpoint: tested, or the next stage's start
+            if stage is not stages[-1]:  # e.g. the linear probe of lp_ft, reported on its own
+                probe_test, _, _ = runner.evaluate(data.splits.test)
+                metrics |= best_metrics(fit, f"{stage.name}_best_")
+                metrics |= {f"{stage.name}_test_{k}": v for k, v in probe_test.items()}
+                tracking.log_state_dict(
+                    {k: v.detach().cpu() for k, v in model.head.state_dict().items()}, f"{stage.name}_head.pt"
+                )
 
-        runner = Runner(model, data, mode, cfg.trainer, cfg.seed, augment_inputs=cfg.data.augment)
-        if not runner.frozen_features and not mode.trains_backbone:
-            log.info("data.augment=true: the frozen backbone runs on every batch (features change per epoch)")
-        fit = runner.fit(optimizer, cfg.trainer.epochs, tracking.log_epoch)
-
-        # Test the best-on-validation checkpoint, in eval mode.
-        runner.load_best(fit)
+        # Test the best-on-validation checkpoint of the last stage, in eval mode.
         test, labels, preds = runner.evaluate(data.splits.test)
         wall = time.perf_counter() - started
-        metrics = {f"test_{k}": v for k, v in test.items()}
-        best_row = next(row for row in fit.history if row["epoch"] == fit.best_epoch)
-        metrics |= {f"best_{k}": v for k, v in best_row.items() if k.startswith("val_")}
+        metrics |= {f"test_{k}": v for k, v in test.items()}
+        metrics |= best_metrics(fit)
         metrics |= {
             "best_epoch": fit.best_epoch,
             "wall_time_s": wall,
-            "feature_extract_s": fit.feature_seconds,
-            "frozen_feature_path": float(fit.used_feature_path),
+            "feature_extract_s": feature_seconds,
+            "frozen_feature_path": float(fit.used_feature_path),  # of the last stage
             **counts,
         }
         tracking.log_results(metrics, labels, preds, data.classes, model, runner.device.type)

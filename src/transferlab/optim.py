@@ -1,0 +1,114 @@
+"""Parameter groups: discriminative learning rates for the head, the backbone and its layers.
+
+The optimizer (``cfg.optimizer``, a ``_partial_`` leaf) is called with a list of groups instead of
+a flat parameter list. Each group carries its own ``lr`` (and ``weight_decay`` where it differs from
+the optimizer's), plus a ``name`` that torch keeps in ``optimizer.param_groups`` for the log:
+
+- ``head``: ``optimizer.lr`` (``Stage.lr``).
+- ``backbone``: ``lr x mode.backbone_lr_scale``, or with ``mode.layer_decay`` one group per layer and
+  decay class, ``lr x backbone_lr_scale x layer_decay ** (top - layer)``. timm models get their groups
+  from ``timm.optim.param_groups_layer_decay`` (layers from the model's own ``group_matcher``);
+  torchvision models the same formula over the structural layers of :mod:`transferlab.modes`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models import group_parameters
+from timm.optim import param_groups_layer_decay
+from torch import nn
+
+from transferlab.backbones import TransferModel
+from transferlab.modes import Stage, group_matcher
+
+ParamGroup = dict[str, Any]
+
+
+def _no_weight_decay(backbone: nn.Module) -> set[str]:
+    """Parameters a timm model declares exempt from weight decay (position embeddings, cls token)."""
+    names = getattr(backbone, "no_weight_decay", None)
+    return set(names()) if callable(names) else set()
+
+
+def layer_decay_groups(
+    backbone: nn.Module,
+    weight_decay: float,
+    layer_decay: float,
+    no_weight_decay: frozenset[str] = frozenset(),
+) -> list[ParamGroup]:
+    """timm's ``param_groups_layer_decay`` for any backbone: same layer scales, same decay rule
+    (no weight decay for 1-D tensors: biases and norm weights), layers from :func:`group_matcher`."""
+    layer_of = group_parameters(backbone, group_matcher(backbone, coarse=False), reverse=True)
+    top = max(layer_of.values())
+    groups: dict[str, ParamGroup] = {}
+    for name, param in backbone.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not (param.ndim <= 1 or name in no_weight_decay)
+        layer = layer_of.get(name, top)
+        key = f"layer_{layer}_{'decay' if decay else 'no_decay'}"
+        group = groups.setdefault(
+            key,
+            {
+                "lr_scale": layer_decay ** (top - layer),
+                "weight_decay": weight_decay if decay else 0.0,
+                "params": [],
+            },
+        )
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def _backbone_layer_groups(backbone: nn.Module, weight_decay: float, layer_decay: float) -> list[ParamGroup]:
+    if hasattr(backbone, "group_matcher"):  # a timm model: timm's own helper
+        return param_groups_layer_decay(
+            backbone,
+            weight_decay=weight_decay,
+            no_weight_decay_list=_no_weight_decay(backbone),
+            layer_decay=layer_decay,
+        )
+    return layer_decay_groups(backbone, weight_decay, layer_decay)
+
+
+def param_groups(model: TransferModel, stage: Stage, weight_decay: float) -> list[ParamGroup]:
+    """The trainable parameters of ``model`` in this stage, grouped by learning rate."""
+    groups: list[ParamGroup] = [
+        {"name": "head", "params": [p for p in model.head.parameters() if p.requires_grad], "lr": stage.lr}
+    ]
+    trainable = [p for p in model.backbone.parameters() if p.requires_grad]
+    if not trainable:
+        return groups
+    base = stage.lr * stage.backbone_lr_scale
+    if stage.layer_decay is None:
+        return [*groups, {"name": "backbone", "params": trainable, "lr": base}]
+    param_name = {id(p): n for n, p in model.backbone.named_parameters()}
+    exempt = _no_weight_decay(model.backbone)
+    for group in _backbone_layer_groups(model.backbone, weight_decay, stage.layer_decay):
+        scale = group.pop("lr_scale")
+        first = group["params"][0]
+        decay = "no_decay" if first.ndim <= 1 or param_name[id(first)] in exempt else "decay"
+        label = _layer_label(param_name[id(first)])
+        groups.append({**group, "lr": base * scale, "name": f"backbone.{label}.{decay}"})
+    return groups
+
+
+def _layer_label(param_name: str) -> str:
+    """``blocks.3.1.conv_pw.weight`` -> ``blocks.3.1``: where a layer group starts, for the log."""
+    parts = param_name.split(".")[:-1]
+    return ".".join(parts[:3]) if parts else param_name
+
+
+def describe(model: TransferModel, groups: list[ParamGroup]) -> list[dict[str, Any]]:
+    """Groups as plain data for the log: name, lr, weight decay, size and the tensors in each."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [
+        {
+            "name": g["name"],
+            "lr": g["lr"],
+            "weight_decay": g.get("weight_decay", "optimizer default"),
+            "num_params": sum(p.numel() for p in g["params"]),
+            "tensors": [names[id(p)] for p in g["params"]],
+        }
+        for g in groups
+    ]

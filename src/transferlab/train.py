@@ -24,8 +24,9 @@ from torch import nn
 
 from transferlab import tracking
 from transferlab.backbones import TransferModel, build_backbone, check_backbone_name, split_head
+from transferlab.cache import FeatureCache, prepare_cached
 from transferlab.config import ConfigError, TrainConfig, register_configs, to_typed
-from transferlab.data import check_data, class_counts, prepare
+from transferlab.data import check_data, class_counts
 from transferlab.engine import Runner
 from transferlab.modes import MODES, Mode, count_parameters, freeze_backbone, trainable_parameters
 
@@ -78,8 +79,11 @@ def train(
             {"overrides": overrides, "choices": choices, "command": tracking.command_line()}, "overrides.json"
         )
 
-        # Data, preprocessed exactly as the backbone's weights expect (resize, crop, mean/std).
-        data = prepare(cfg.data, built.preprocess, cfg.paths.data_dir)
+        # Data, preprocessed exactly as the backbone's weights expect (resize, crop, mean/std);
+        # decoded once per source and preprocessing, then read from paths.cache_dir.
+        data, inputs = prepare_cached(
+            cfg.data, built.preprocess, cfg.paths.data_dir, cfg.paths.cache_dir, cfg.data.cache
+        )
         sizes = data.splits.sizes()
         log.info(
             "data %s: %s, classes %s, train class counts %s",
@@ -107,9 +111,9 @@ def train(
             cfg.optimizer.lr,
         )
 
-        runner = Runner(model, data, mode, cfg.trainer, cfg.seed, augment_inputs=cfg.data.augment)
-        if not runner.frozen_features and not mode.trains_backbone:
-            log.info("data.augment=true: the frozen backbone runs on every batch (features change per epoch)")
+        features = FeatureCache(cfg.paths.cache_dir, built) if cfg.trainer.feature_cache else None
+        runner = Runner(model, data, mode, cfg.trainer, cfg.seed, cfg.data.augment, features)
+        tracking.log_cache_use(cfg, mode.trains_backbone, inputs)
         fit = runner.fit(optimizer, cfg.trainer.epochs, tracking.log_epoch)
 
         # Test the best-on-validation checkpoint, in eval mode.
@@ -124,6 +128,7 @@ def train(
             "wall_time_s": wall,
             "feature_extract_s": fit.feature_seconds,
             "frozen_feature_path": float(fit.used_feature_path),
+            **({} if fit.feature_cache_hit is None else {"feature_cache_hit": float(fit.feature_cache_hit)}),
             **counts,
         }
         tracking.log_results(metrics, labels, preds, data.classes, model, runner.device.type)

@@ -134,7 +134,7 @@ class TensorStore:
                 header = fh.metadata() or {}
             if header.get("format") != str(CACHE_FORMAT):
                 return {}, {}, f"cache format {header.get('format')!r}, this code writes {CACHE_FORMAT}"
-            if json.loads(header.get("key", "null")) != key:
+            if key_digest(json.loads(header.get("key", "null"))) != key_digest(key):
                 return {}, {}, "its stored key differs from its file name's"
             meta = json.loads(header.get("meta", "{}"))
             tensors = load_file(str(path))

@@ -81,9 +81,6 @@ def finetune_images_per_s(name: str, args: argparse.Namespace, fast: bool) -> fl
 
 def plain_images_per_s(name: str, args: argparse.Namespace) -> float:
     network, pre = _backbone(name, args.size)
-    if not hasattr(network, "classifier"):  # the plain loop swaps .classifier; resnet calls it .fc
-        network.classifier = network.fc
-        network.fc = torch.nn.Identity()
     data = random_data(args.images, args.size, pre)
     device = torch.device(args.device)
     return plain_finetune_images_per_s(data, network, device, args.batch_size, epochs=2)

@@ -53,6 +53,12 @@ TARGETS = {"a": 8.0, "b": 1.5, "c": 1.0}
 # The contenders that are not transferlab (run in child processes, or imported by gpu_check.py)
 
 
+def _swap_head(model: nn.Module, num_classes: int) -> None:
+    """The article's head swap: "ResNets use .fc, many others use .classifier"."""
+    name = "fc" if isinstance(getattr(model, "fc", None), nn.Linear) else "classifier"
+    setattr(model, name, nn.Linear(getattr(model, name).in_features, num_classes))
+
+
 def article_feature_extraction(
     data: PreparedData, model: nn.Module, epochs: int, device: torch.device, batch_size: int = 32
 ) -> float:
@@ -67,8 +73,8 @@ def article_feature_extraction(
     # Freeze the entire backbone.
     for p in model.parameters():
         p.requires_grad = False
-    # Swap in a fresh head — trainable by default. (timm's EfficientNet calls it .classifier.)
-    model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+    # Swap in a fresh head — trainable by default.
+    _swap_head(model, num_classes)
     model.to(device)
     optimizer = optim.Adam(filter(lambda p: p.requires_grad, model.parameters()), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
@@ -103,7 +109,7 @@ def plain_finetune_images_per_s(
 ) -> float:
     """Full fine-tuning written as anyone would by hand; training images/s of the last epoch
     (the first warms up kernels and allocators, as transferlab's first epoch does)."""
-    model.classifier = nn.Linear(model.classifier.in_features, data.num_classes)
+    _swap_head(model, data.num_classes)
     model.to(device)
     optimizer = optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()

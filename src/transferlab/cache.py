@@ -105,10 +105,13 @@ class TensorStore:
         start = time.perf_counter()
         lock = FileLock(f"{path}.lock")
         try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.info("%s cache: another process is computing %s; waiting for it", self.kind, path.name)
-            lock.acquire()
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                log.info("%s cache: another process is computing %s; waiting for it", self.kind, path.name)
+                lock.acquire()
+        except OSError as exc:  # a read-only or vanished cache folder
+            raise _write_error(path, exc) from None
         try:
             if path.exists():
                 tensors, meta, problem = self._read(path, key, check)

@@ -135,6 +135,7 @@ def plain_finetune_images_per_s(
 
 def _child(args: argparse.Namespace) -> None:
     """Entry point of the article / plain child processes: one result as JSON on ``--out``."""
+    start = time.perf_counter()  # after the imports, as transferlab's wall_time_s metric
     torch.manual_seed(0)
     data = _data(args)
     model = build_backbone(_backbone_cfg(args)).model
@@ -143,6 +144,7 @@ def _child(args: argparse.Namespace) -> None:
         result = {"test_accuracy": article_feature_extraction(data, model, args.epochs, device)}
     else:
         result = {"images_per_s": plain_finetune_images_per_s(data, model, device)}
+    result["in_process_s"] = time.perf_counter() - start
     Path(args.out).write_text(json.dumps(result))
 
 
@@ -236,7 +238,8 @@ def bench(args: argparse.Namespace) -> str:
 
     # (a) + (d): the article's loop vs transferlab, feature cache cold.
     article = run_measured([*child, "--role", "article", "--out", str(work / "article.json")], log)
-    article_acc = json.loads((work / "article.json").read_text())["test_accuracy"]
+    article_json = json.loads((work / "article.json").read_text())
+    article_acc, article_in = article_json["test_accuracy"], article_json["in_process_s"]
     shutil.rmtree(cache_dir / "features", ignore_errors=True)
     fe_args = [*data_args, "mode=feature_extract", f"trainer.epochs={args.epochs}"]
     ours = run_measured(_train_cmd(work, cache_dir, *fe_args, "mlflow.run_name=fe"), log)
@@ -260,6 +263,9 @@ def bench(args: argparse.Namespace) -> str:
     total = time.perf_counter() - started
 
     speedup = article.wall_s / ours.wall_s
+    # The same without interpreter start-up and imports: the article's data+model+loop+test vs the
+    # MLflow run's own wall_time_s (data, model, features, head epochs, test and all logging).
+    speedup_in = article_in / fe["wall_time_s"]
     sweep_ratio = sweep.wall_s / ours.wall_s
     ft_ratio = ft["images_per_s"] / plain_ips
     acc_gap = 100 * (fe["test_accuracy"] - article_acc)
@@ -275,6 +281,14 @@ def bench(args: argparse.Namespace) -> str:
             f"{speedup:.1f}x faster",
             ">= 8x",
             mark(speedup >= TARGETS["a"]),
+        ),
+        (
+            "(a) same, after imports (in-process time)",
+            f"{article_in:.0f} s (article)",
+            f"{fe['wall_time_s']:.0f} s (run's wall_time_s)",
+            f"{speedup_in:.1f}x faster",
+            ">= 8x",
+            mark(speedup_in >= TARGETS["a"]),
         ),
         (
             "(a) test accuracy",

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 UI_PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow lint format ui report clean clean-cache
+.PHONY: help install demo test test-slow lint format ui report bench gpu-check clean clean-cache
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,7 +42,13 @@ ui: $(STAMP) ## serve the MLflow UI for the local store on 127.0.0.1:$(UI_PORT)
 report: $(STAMP) ## aggregate a sweep from MLflow: make report EXPERIMENT=elpv_fe_vs_ft (or PARENT=<parent run id>)
 	$(BIN)/python -m transferlab.report $(if $(PARENT),--parent-run $(PARENT),--experiment $(or $(EXPERIMENT),elpv_fe_vs_ft))
 
-clean-cache: ## empty the caches under .cache/
+bench: $(STAMP) ## transferlab vs the seed article's loop, side by side (ELPV, ~10 min on 2 CPU cores; BENCH_ARGS=--full)
+	$(BIN)/python -m transferlab.bench $(BENCH_ARGS)
+
+gpu-check: $(STAMP) ## on a GPU machine: fast-path throughput, appended to experiments/benchmarks/README.md
+	$(BIN)/python experiments/benchmarks/gpu_check.py $(GPU_ARGS)
+
+clean-cache: ## empty the caches under .cache/ (decoded inputs, frozen features; paths.cache_dir)
 	rm -rf .cache
 
 clean: ## remove logs, the MLflow store and caches (keeps .venv)

@@ -3,6 +3,8 @@
 Two paths give the same model. When the backbone is frozen and the inputs are not augmented, the
 backbone's output for an image never changes, so it is computed once (inference mode, batched) and
 the head trains on those features: one backbone pass per image instead of one per image per epoch.
+With a :class:`~transferlab.cache.FeatureCache` that pass is stored on disk and shared by every run
+with the same backbone, images and preprocessing (a sweep of learning rates and seeds pays it once).
 Otherwise every batch runs the whole model, with only the trainable parts in train mode.
 """
 
@@ -14,6 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +28,9 @@ from transferlab.backbones import TransferModel
 from transferlab.config import TrainerConfig
 from transferlab.data import PreparedData, augment, normalize
 from transferlab.modes import Mode, set_train_mode
+
+if TYPE_CHECKING:
+    from transferlab.cache import FeatureCache
 
 MetricLogger = Callable[[dict[str, float], int], None]
 
@@ -82,6 +88,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     feature_seconds: float = 0.0  # time spent computing frozen features (0 when not used)
     used_feature_path: bool = False
+    feature_cache_hit: bool | None = None  # None: the on-disk feature cache was not used
 
 
 class Runner:
@@ -95,6 +102,7 @@ class Runner:
         cfg: TrainerConfig,
         seed: int,
         augment_inputs: bool,
+        feature_cache: FeatureCache | None = None,
     ) -> None:
         self.model, self.data, self.mode, self.cfg = model, data, mode, cfg
         self.augment_inputs = augment_inputs
@@ -105,6 +113,11 @@ class Runner:
         # channels_last pays off for convolutions; it is a no-op layout hint for ViTs.
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
+        # The live path's forward; the model itself (and its state dict) stays the plain module.
+        self.net = torch.compile(self.model) if cfg.compile else self.model
+        # Page-locked host batches let the copy to the GPU overlap with compute.
+        self.pin_memory = cfg.pin_memory and self.device.type == "cuda"
+        self.feature_cache = feature_cache
         self.generator = torch.Generator().manual_seed(seed)  # data order and augmentation only
         self.features: torch.Tensor | None = None
 
@@ -113,8 +126,13 @@ class Runner:
         batch = self.data.images[idx]
         if train and self.augment_inputs:
             batch = augment(batch, self.generator)
-        batch = batch.to(self.device, non_blocking=True)
+        batch = self._to_device(batch)
         return normalize(batch, self.data.preprocess).contiguous(memory_format=self.memory_format)
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        # pin_memory() draws from PyTorch's caching host allocator, which keeps the block alive
+        # until the asynchronous copy has finished, so the non-blocking copy is safe.
+        return (batch.pin_memory() if self.pin_memory else batch).to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def extract_features(self) -> torch.Tensor:
@@ -131,7 +149,7 @@ class Runner:
     def _logits(self, idx: torch.Tensor, train: bool) -> torch.Tensor:
         if self.features is not None:
             return self.model.head(self.features[idx.to(self.features.device)])
-        return self.model(self._inputs(idx, train))
+        return self.net(self._inputs(idx, train))
 
     def train_epoch(self, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
         set_train_mode(self.model, self.mode)
@@ -153,7 +171,7 @@ class Runner:
             mininterval=0.5 if sys.stderr.isatty() else 30,
         )
         for idx in bar:
-            labels = self.data.labels[idx].to(self.device, non_blocking=True)
+            labels = self._to_device(self.data.labels[idx])
             with self.precision.autocast():
                 logits = self._logits(idx, train=True)
                 loss = loss_fn(logits.float(), labels)
@@ -202,10 +220,15 @@ class Runner:
         feature_seconds = 0.0
         if self.frozen_features:
             start = time.perf_counter()
-            self.features = self.extract_features()
+            if self.feature_cache is None:
+                self.features = self.extract_features()
+            else:  # computed once per key on disk, shared with every other run and sweep job
+                self.features = self.feature_cache.features(self)
             feature_seconds = time.perf_counter() - start
         best_value: float | None = None
         result = FitResult(-1, {}, [], feature_seconds, self.features is not None)
+        if self.features is not None and self.feature_cache is not None:
+            result.feature_cache_hit = self.feature_cache.lookup is not None and self.feature_cache.lookup.hit
         for epoch in range(start_epoch, start_epoch + epochs):
             row = self.train_epoch(optimizer, epoch)
             val, _, _ = self.evaluate(self.data.splits.val)

@@ -307,3 +307,36 @@ def log_stage(
     if of > 1:
         extra["stage"] = float(index)
     return lambda row, step: log_epoch({**row, **extra}, step)
+
+
+def log_cache_use(cfg: Any, trains_backbone: bool, inputs: Any) -> None:
+    """Tags (and a log line) saying whether the caches under paths.cache_dir serve this run, and why not.
+
+    ``inputs`` is the decoded-input cache lookup (None when not cached). Whether the feature cache
+    was hit is known after fitting: the ``feature_cache_hit`` metric.
+    """
+    import logging
+
+    if trains_backbone:
+        features = "off: the backbone trains, so its features change every step"
+    elif cfg.data.augment:
+        features = (
+            "off: data.augment=true changes the inputs every epoch, so the frozen backbone runs on "
+            "every batch (no gradients through it)"
+        )
+    elif not cfg.trainer.feature_cache:
+        features = "off: trainer.feature_cache=false (features computed once, in memory)"
+    else:
+        features = "on"
+    if features != "on" and not trains_backbone:
+        logging.getLogger("transferlab.cache").info("feature cache %s", features)
+    if inputs is None:
+        state = (
+            "off: data.cache=false"
+            if not cfg.data.cache
+            else "off: images generated in memory or not on disk yet"
+        )
+    else:
+        state = "hit" if inputs.hit else "miss"
+        mlflow.log_metrics({"input_cache_hit": float(inputs.hit), "input_load_s": inputs.seconds})
+    mlflow.set_tags({"feature_cache": features, "input_cache": state, "cache_dir": cfg.paths.cache_dir})

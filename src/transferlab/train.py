@@ -25,8 +25,9 @@ from torch import nn
 
 from transferlab import sweep, tracking
 from transferlab.backbones import TransferModel, build_backbone, check_backbone_name, split_head
+from transferlab.cache import FeatureCache, prepare_cached
 from transferlab.config import ConfigError, TrainConfig, register_configs, to_typed
-from transferlab.data import check_data, class_counts, prepare
+from transferlab.data import check_data, class_counts
 from transferlab.engine import FitResult, Runner
 from transferlab.modes import (
     MODES,
@@ -106,8 +107,11 @@ def train(
             {"overrides": overrides, "choices": choices, "command": tracking.command_line()}, "overrides.json"
         )
 
-        # Data, preprocessed exactly as the backbone's weights expect (resize, crop, mean/std).
-        data = prepare(cfg.data, built.preprocess, cfg.paths.data_dir)
+        # Data, preprocessed exactly as the backbone's weights expect (resize, crop, mean/std);
+        # decoded once per source and preprocessing, then read from paths.cache_dir.
+        data, inputs = prepare_cached(
+            cfg.data, built.preprocess, cfg.paths.data_dir, cfg.paths.cache_dir, cfg.data.cache
+        )
         sizes = data.splits.sizes()
         log.info(
             "data %s: %s, classes %s, train class counts %s",
@@ -125,20 +129,21 @@ def train(
         tracking.log_reproducibility(cfg, built, data, counts)
         stages = schedule(cfg.mode, cfg.trainer.epochs, cfg.optimizer.lr)  # lp_ft: probe, then finetune
         metrics: dict[str, float] = {}
-        feature_seconds = 0.0
+        feature_seconds, cache_hit = 0.0, None
+        # Frozen features are computed once per backbone, weights and images, and shared on disk.
+        features = FeatureCache(cfg.paths.cache_dir, built) if cfg.trainer.feature_cache else None
         for index, stage in enumerate(stages):
             mode = enter_stage(model, stage)  # which parameters train, which modules stay in eval mode
+            if index == 0:
+                tracking.log_cache_use(cfg, mode.trains_backbone, inputs)
             groups = param_groups(model, stage, cfg.optimizer.weight_decay)  # lr per head/backbone/layer
             optimizer = instantiate(cfg.optimizer)(groups)  # only trainable parameters reach it
             counts["trainable_params"] = count_parameters(model, lambda p: p.requires_grad)
             epoch_log = tracking.log_stage(stage, mode, describe(model, groups), counts, index, len(stages))
-            runner = Runner(model, data, mode, cfg.trainer, cfg.seed, augment_inputs=cfg.data.augment)
-            if not runner.frozen_features and not mode.trains_backbone:
-                log.info(
-                    "data.augment=true: the frozen backbone runs on every batch (features change per epoch)"
-                )
+            runner = Runner(model, data, mode, cfg.trainer, cfg.seed, cfg.data.augment, features)
             fit = runner.fit(optimizer, stage.epochs, epoch_log, start_epoch=stage.first_step)
             feature_seconds += fit.feature_seconds
+            cache_hit = fit.feature_cache_hit if fit.feature_cache_hit is not None else cache_hit
             runner.load_best(fit)  # the best-on-validation checkpoint: tested, or the next stage's start
             if stage is not stages[-1]:  # e.g. the linear probe of lp_ft, reported on its own
                 probe_test, _, _ = runner.evaluate(data.splits.test)
@@ -158,6 +163,7 @@ def train(
             "wall_time_s": wall,
             "feature_extract_s": feature_seconds,
             "frozen_feature_path": float(fit.used_feature_path),  # of the last stage
+            **({} if cache_hit is None else {"feature_cache_hit": float(cache_hit)}),
             **counts,
         }
         tracking.log_results(metrics, labels, preds, data.classes, model, runner.device.type)

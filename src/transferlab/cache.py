@@ -1,0 +1,376 @@
+"""On-disk caches under ``paths.cache_dir``: decoded inputs and frozen-backbone features.
+
+A frozen backbone maps an image to the same feature vector in every epoch of every run that shares
+the backbone, the images and the preprocessing, so a sweep of learning rates and seeds needs one
+backbone pass in all. Likewise the decoded, resized uint8 images depend only on the dataset and the
+preprocessing, not on the mode. Both are stored here, keyed by everything that determines them.
+
+An entry is one safetensors file named by the sha256 of its JSON key; its header holds the cache
+format, the full key and a little metadata. Entries are written to a temporary file and moved into
+place with ``os.replace`` (readers never see a torn file), under a per-entry lock file, so parallel
+sweep jobs compute an entry once: the first computes, the others wait and then read it. An entry
+that cannot be read, has another format or key, or has the wrong shapes is logged and rebuilt.
+
+Layout: ``<cache_dir>/features/<sha256>.safetensors`` and ``<cache_dir>/inputs/<sha256>.safetensors``
+(each with a ``.lock`` beside it). ``make clean-cache`` empties the default ``<repo>/.cache``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from transferlab.backbones import BuiltBackbone, Preprocess
+from transferlab.config import (
+    ConfigError,
+    DataConfig,
+    ElpvDataConfig,
+    ImageFolderDataConfig,
+    TorchvisionDataConfig,
+)
+from transferlab.data import PreparedData, Splits, prepare
+
+if TYPE_CHECKING:
+    from transferlab.engine import Runner
+
+log = logging.getLogger("transferlab.cache")
+
+# Bump when the layout or the meaning of an entry changes: older entries are then rebuilt.
+CACHE_FORMAT = 1
+
+Tensors = dict[str, torch.Tensor]
+Meta = dict[str, Any]
+
+
+class CacheWriteError(ConfigError):
+    """The cache folder cannot take an entry (full disk, no permission): the run stops, nothing partial stays."""
+
+
+@dataclass
+class Lookup:
+    """One cache access: what was read or computed, and whether it came from disk."""
+
+    tensors: Tensors
+    meta: Meta
+    hit: bool
+    seconds: float  # loading on a hit, computing and writing on a miss
+    path: Path
+
+
+def key_digest(key: Meta) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+class TensorStore:
+    """A folder of safetensors entries, each computed once under a lock and written atomically."""
+
+    def __init__(self, root: str | Path, kind: str) -> None:
+        self.dir = Path(root).expanduser() / kind
+        self.kind = kind
+
+    def path(self, key: Meta) -> Path:
+        return self.dir / f"{key_digest(key)}.safetensors"
+
+    def get_or_compute(
+        self,
+        key: Meta,
+        compute: Callable[[], tuple[Tensors, Meta]],
+        check: Callable[[Tensors, Meta], str | None],
+    ) -> Lookup:
+        """Read the entry for ``key``; on a miss (or an unusable entry) compute, write and return it.
+
+        ``check`` returns what is wrong with a loaded entry (or None): shapes a reader relies on.
+        """
+        path = self.path(key)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _write_error(self.dir, exc) from None
+        start = time.perf_counter()
+        lock = FileLock(f"{path}.lock")
+        try:
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                log.info("%s cache: another process is computing %s; waiting for it", self.kind, path.name)
+                lock.acquire()
+        except OSError as exc:  # a read-only or vanished cache folder
+            raise _write_error(path, exc) from None
+        try:
+            if path.exists():
+                tensors, meta, problem = self._read(path, key, check)
+                if problem is None:
+                    return Lookup(tensors, meta, True, time.perf_counter() - start, path)
+                log.warning("%s cache entry %s is unusable (%s): rebuilding it", self.kind, path, problem)
+                path.unlink(missing_ok=True)
+            tensors, meta = compute()
+            problem = check(tensors, meta)
+            if problem is not None:  # a bug in the producer, not a cache problem: never store it
+                raise RuntimeError(f"refusing to cache a {self.kind} entry: {problem}")
+            self._write(path, key, tensors, meta)
+            return Lookup(tensors, meta, False, time.perf_counter() - start, path)
+        finally:
+            lock.release()
+
+    @staticmethod
+    def _read(
+        path: Path, key: Meta, check: Callable[[Tensors, Meta], str | None]
+    ) -> tuple[Tensors, Meta, str | None]:
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                header = fh.metadata() or {}
+            if header.get("format") != str(CACHE_FORMAT):
+                return {}, {}, f"cache format {header.get('format')!r}, this code writes {CACHE_FORMAT}"
+            if key_digest(json.loads(header.get("key", "null"))) != key_digest(key):
+                return {}, {}, "its stored key differs from its file name's"
+            meta = json.loads(header.get("meta", "{}"))
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:  # truncated or garbled file
+            return {}, {}, f"unreadable: {type(exc).__name__}: {exc}"
+        return tensors, meta, check(tensors, meta)
+
+    @staticmethod
+    def _write(path: Path, key: Meta, tensors: Tensors, meta: Meta) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        header = {
+            "format": str(CACHE_FORMAT),
+            "key": json.dumps(key, sort_keys=True),
+            "meta": json.dumps(meta),
+        }
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=header)
+            with open(tmp, "rb") as fh:  # on disk before it gets its final name
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _write_error(path, exc) from None
+
+
+def _write_error(path: Path, exc: OSError) -> CacheWriteError:
+    reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return CacheWriteError(
+        "paths.cache_dir",
+        f"cannot write cache entry {path} ({reason}); nothing partial was kept",
+        "free disk space (make clean-cache empties the default cache), point paths.cache_dir at a "
+        "larger disk, or turn the caches off (trainer.feature_cache=false data.cache=false)",
+    )
+
+
+def sha256_tensors(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _versions(*packages: str) -> dict[str, str]:
+    out = {}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "none"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen-backbone features
+
+
+@dataclass
+class FeatureCache:
+    """Frozen features of a run's images, shared by every run with the same key (see :func:`feature_key`)."""
+
+    root: str | Path
+    built: BuiltBackbone
+    lookup: Lookup | None = field(default=None, init=False)
+
+    def features(self, runner: Runner) -> torch.Tensor:
+        """The backbone output for every image of ``runner.data``: from disk, or computed once and stored."""
+        key = feature_key(runner.model.backbone, self.built, runner)
+        rows = len(runner.data.labels)
+
+        def compute() -> tuple[Tensors, Meta]:
+            log.info("feature cache miss: running the frozen backbone once over %d images", rows)
+            return {"features": runner.extract_features().cpu()}, {"dataset": runner.data.name}
+
+        def check(tensors: Tensors, meta: Meta) -> str | None:
+            feats = tensors.get("features")
+            if feats is None or feats.ndim != 2 or feats.shape[0] != rows:
+                shape = None if feats is None else tuple(feats.shape)
+                return f"features of shape {shape}, expected ({rows}, width)"
+            if feats.dtype != torch.float32 or not bool(torch.isfinite(feats).all()):
+                return "features are not finite float32"
+            return None
+
+        self.lookup = TensorStore(self.root, "features").get_or_compute(key, compute, check)
+        if self.lookup.hit:
+            log.info("feature cache hit: %s (%.1f s to load)", self.lookup.path, self.lookup.seconds)
+        return self.lookup.tensors["features"].to(runner.device)
+
+
+def feature_key(backbone: nn.Module, built: BuiltBackbone, runner: Runner) -> Meta:
+    """Everything that decides the features, and nothing that does not (lr, optimizer, seed, epochs, split).
+
+    The backbone is identified by the sha256 of its state as it runs, which covers pretrained weights
+    and random init (whose values depend on the seed) alike. The computation's dtype, device type,
+    memory layout and batch size are part of it because each can change the float results: a run
+    that hits the cache is bit-identical to one that computes the features itself.
+    """
+    data, cfg = runner.data, runner.cfg
+    return {
+        "kind": "features",
+        "format": CACHE_FORMAT,
+        "backbone": {
+            "class": f"{type(backbone).__module__}.{type(backbone).__qualname__}",
+            "weight_source": built.weight_source,
+            "weight_sha256": built.weight_sha256,
+            "state_sha256": sha256_tensors(backbone.state_dict()),
+        },
+        "inputs": {
+            "fingerprint": data.fingerprint,
+            "shape": list(data.images.shape),
+            "preprocess": asdict(data.preprocess),
+        },
+        "compute": {
+            "device": runner.device.type,
+            "dtype": str(runner.precision.dtype) if runner.precision.enabled else "torch.float32",
+            "channels_last": cfg.channels_last,
+            "batch_size": cfg.batch_size,
+            **_versions("torch", "torchvision", "timm"),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoded inputs
+
+
+def _listing_sha256(root: Path) -> tuple[str, int]:
+    """Names, sizes and modification times of every file under ``root``: found without decoding."""
+    digest, count = hashlib.sha256(), 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        count += 1
+    return digest.hexdigest(), count
+
+
+def source_identity(cfg: DataConfig, data_dir: str) -> Meta | None:
+    """What the decoded images come from, computed without decoding; None: not cacheable."""
+    if isinstance(cfg, ElpvDataConfig):
+        import elpv_dataset
+
+        root = Path(elpv_dataset.__file__).parent / "data"
+        package = _versions("elpv-dataset")
+    elif isinstance(cfg, ImageFolderDataConfig):
+        root, package = Path(str(cfg.root)).expanduser().resolve(), {}
+    elif isinstance(cfg, TorchvisionDataConfig):
+        root = Path(cfg.root or Path(data_dir) / cfg.name).expanduser().resolve()
+        package = _versions("torchvision")
+        if not root.is_dir():  # not downloaded yet: the next run caches it
+            return None
+    else:  # generated in memory (synthetic): as fast to make as to load
+        return None
+    files, count = _listing_sha256(root)
+    return {"root": str(root), "files_sha256": files, "files": count, **package}
+
+
+def input_key(cfg: DataConfig, pre: Preprocess, identity: Meta) -> Meta:
+    # Everything prepare() reads: the selection (limit, split fractions and seed), labelling, and
+    # preprocessing. Augmentation runs per batch later, so it does not change the entry.
+    selection = {k: v for k, v in asdict(cfg).items() if k not in ("augment", "cache", "download")}
+    return {
+        "kind": "inputs",
+        "format": CACHE_FORMAT,
+        "source": identity,
+        "data": selection,
+        "preprocess": asdict(pre),
+        **_versions("torch", "torchvision", "pillow", "numpy", "scikit-learn"),
+    }
+
+
+def _pack(data: PreparedData) -> tuple[Tensors, Meta]:
+    tensors = {"images": data.images, "labels": data.labels}
+    tensors |= {f"split_{s}": torch.from_numpy(getattr(data.splits, s)) for s in ("train", "val", "test")}
+    meta = {
+        "name": data.name,
+        "classes": data.classes,
+        "fingerprint": data.fingerprint,
+        "source": data.source,
+    }
+    return tensors, meta
+
+
+def _check_inputs(pre: Preprocess) -> Callable[[Tensors, Meta], str | None]:
+    def check(tensors: Tensors, meta: Meta) -> str | None:
+        images, labels = tensors.get("images"), tensors.get("labels")
+        if (
+            images is None
+            or labels is None
+            or any(f"split_{s}" not in tensors for s in ("train", "val", "test"))
+        ):
+            return f"missing tensors (has {sorted(tensors)})"
+        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[2:]) != (pre.crop, pre.crop):
+            return (
+                f"images {images.dtype} {tuple(images.shape)}, expected uint8 (N, C, {pre.crop}, {pre.crop})"
+            )
+        if labels.shape != (images.shape[0],) or (
+            len(labels) and int(labels.max()) >= len(meta.get("classes", []))
+        ):
+            return f"{tuple(labels.shape)} labels for {images.shape[0]} images and {len(meta.get('classes', []))} classes"
+        for s in ("train", "val", "test"):
+            idx = tensors[f"split_{s}"]
+            if idx.ndim != 1 or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= images.shape[0])):
+                return f"split {s} indexes outside the {images.shape[0]} images"
+        if not isinstance(meta.get("fingerprint"), str) or len(meta["fingerprint"]) != 64:
+            return "no dataset fingerprint"
+        return None
+
+    return check
+
+
+def prepare_cached(
+    cfg: DataConfig, pre: Preprocess, data_dir: str, cache_dir: str, enabled: bool = True
+) -> tuple[PreparedData, Lookup | None]:
+    """:func:`transferlab.data.prepare`, decoded and resized once per source, selection and preprocessing."""
+    identity = source_identity(cfg, data_dir) if enabled else None
+    if identity is None:
+        return prepare(cfg, pre, data_dir), None
+    lookup = TensorStore(cache_dir, "inputs").get_or_compute(
+        input_key(cfg, pre, identity), lambda: _pack(prepare(cfg, pre, data_dir)), _check_inputs(pre)
+    )
+    t, meta = lookup.tensors, lookup.meta
+    splits = Splits(*(t[f"split_{s}"].numpy().astype(np.int64) for s in ("train", "val", "test")))
+    data = PreparedData(
+        meta["name"],
+        t["images"],
+        t["labels"],
+        list(meta["classes"]),
+        splits,
+        pre,
+        meta["fingerprint"],
+        meta["source"],
+    )
+    log.info(
+        "input cache %s: %s (%.1f s)", "hit" if lookup.hit else "miss, stored", lookup.path, lookup.seconds
+    )
+    return data, lookup

@@ -178,9 +178,16 @@ class ElpvDataConfig(DataConfig):
 @dataclass
 class ImageFolderDataConfig(DataConfig):
     name: str = "imagefolder"
+    # Every file is decoded once before the run starts. error: stop, naming the first bad file;
+    # skip: leave unreadable files out and log their list (skipped_images.json) with the run.
+    on_bad_image: str = "error"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.on_bad_image not in ("error", "skip"):
+            raise ConfigError(
+                "data.on_bad_image", f"unknown policy {self.on_bad_image!r}", "use error or skip"
+            )
         if not self.root:
             raise ConfigError(
                 "data.root",

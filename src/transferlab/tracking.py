@@ -217,6 +217,7 @@ def log_reproducibility(cfg: Any, built: Any, data: Any, counts: dict[str, int])
             "fingerprint": data.fingerprint,
             "classes": data.classes,
             "splits": data.splits.sizes(),
+            "skipped_images": len(getattr(data, "skipped", [])),
         },
         "packages": package_versions(),
         "platform": {
@@ -227,6 +228,10 @@ def log_reproducibility(cfg: Any, built: Any, data: Any, counts: dict[str, int])
         "parameters": counts,
     }
     mlflow.log_dict(record, "reproducibility.json")
+    skipped = getattr(data, "skipped", [])
+    if skipped:  # data.on_bad_image=skip: which files were left out, and why
+        mlflow.log_dict([{"path": b.path, "problem": b.problem} for b in skipped], "skipped_images.json")
+    mlflow.log_metric("skipped_images", len(skipped))
     mlflow.set_tags(
         {
             "mlflow.source.git.commit": git["commit"],

@@ -23,7 +23,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from transferlab import tracking
-from transferlab.backbones import TransferModel, build_backbone, check_backbone_name, split_head
+from transferlab.backbones import (
+    TransferModel,
+    build_backbone,
+    check_backbone_name,
+    find_classifier,
+    split_head,
+)
 from transferlab.config import ConfigError, TrainConfig, register_configs, to_typed
 from transferlab.data import check_data, class_counts, prepare
 from transferlab.engine import Runner
@@ -64,6 +70,7 @@ def train(
     seed_everything(cfg.seed)  # before any module is built: random init and the head depend on it
     # Weights before the run starts: a backbone that cannot be had here is bad input, not a failed run.
     built = build_backbone(cfg.backbone)
+    find_classifier(built.model)  # a network whose head no mode can replace: bad input, no run
     tags = {f"choice.{group}": str(option) for group, option in choices.items()}
     tags |= {
         "mode": mode.name,

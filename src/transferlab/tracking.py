@@ -111,13 +111,26 @@ def package_versions() -> dict[str, str]:
 
 
 @contextmanager
-def mlflow_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
-    """A run that ends FINISHED, FAILED with the error text, or KILLED on Ctrl-C; never left RUNNING."""
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+def mlflow_run(
+    experiment_id: str, run_name: str | None, tags: dict[str, str], run_id: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """A run that ends FINISHED, FAILED with the error text, or KILLED on a signal; never left RUNNING.
+
+    With ``run_id`` (a resume) the existing run is reopened: its metrics, params and artifacts stay
+    and what follows is appended.
+    """
+    if run_id is not None:
+        run = mlflow.start_run(run_id=run_id)
+        resumes = int(run.data.tags.get("resumes", "0")) + 1
+        mlflow.set_tags({**tags, "resumes": str(resumes)})
+        if "error" in run.data.tags:  # the interruption being resumed from
+            mlflow.delete_tag("error")
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     try:
         yield run
-    except KeyboardInterrupt:
-        mlflow.set_tag("error", "interrupted (KeyboardInterrupt)")
+    except KeyboardInterrupt as exc:
+        mlflow.set_tag("error", f"interrupted: {exc or type(exc).__name__}")
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException as exc:
@@ -192,7 +205,9 @@ def log_params(cfg: Any, raw: Any) -> None:
     resolved = OmegaConf.to_container(raw, resolve=True)
     assert isinstance(resolved, dict)
     params = {k: ("null" if v is None else v) for k, v in flatten(resolved).items()}
-    mlflow.log_params(params)
+    # A resumed run has them already; MLflow refuses changed values (a relaunch's new output dir).
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
     mlflow.log_text(OmegaConf.to_yaml(raw, resolve=True), "config.yaml")
 
 

@@ -30,9 +30,10 @@ from transferlab.backbones import (
     find_classifier,
     split_head,
 )
+from transferlab.checkpoint import Checkpoint, resume_hint, set_deterministic, stop_signals
 from transferlab.config import ConfigError, TrainConfig, register_configs, to_typed
 from transferlab.data import check_data, class_counts, prepare
-from transferlab.engine import Runner
+from transferlab.engine import Runner, StopRequested
 from transferlab.modes import MODES, Mode, count_parameters, freeze_backbone, trainable_parameters
 
 log = logging.getLogger("transferlab.train")
@@ -68,6 +69,7 @@ def train(
     experiment_id = preflight(cfg)
     mode = MODES[cfg.mode.name]
     seed_everything(cfg.seed)  # before any module is built: random init and the head depend on it
+    set_deterministic(cfg.trainer.deterministic)
     # Weights before the run starts: a backbone that cannot be had here is bad input, not a failed run.
     built = build_backbone(cfg.backbone)
     find_classifier(built.model)  # a network whose head no mode can replace: bad input, no run
@@ -78,7 +80,12 @@ def train(
         "dataset": cfg.data.name,
         "seed": str(cfg.seed),
     }
-    with tracking.mlflow_run(experiment_id, cfg.mlflow.run_name, tags) as run:
+    # Resume: this config's checkpoint (a killed or preempted run) names the MLflow run to continue.
+    ckpt = Checkpoint.for_config(cfg, raw)
+    with (
+        stop_signals(ckpt) as stop,
+        tracking.mlflow_run(experiment_id, cfg.mlflow.run_name, tags, run_id=ckpt.run_id) as run,
+    ):
         started = time.perf_counter()
         tracking.log_params(cfg, raw)
         tracking.log_json(
@@ -117,7 +124,15 @@ def train(
         runner = Runner(model, data, mode, cfg.trainer, cfg.seed, augment_inputs=cfg.data.augment)
         if not runner.frozen_features and not mode.trains_backbone:
             log.info("data.augment=true: the frozen backbone runs on every batch (features change per epoch)")
-        fit = runner.fit(optimizer, cfg.trainer.epochs, tracking.log_epoch)
+        resume_state = ckpt.bind(run.info.run_id, runner, optimizer)  # None for a fresh run
+        fit = runner.fit(
+            optimizer,
+            cfg.trainer.epochs,
+            tracking.log_epoch,
+            state=resume_state,
+            checkpoint=ckpt.save,
+            should_stop=stop.requested,
+        )
 
         # Test the best-on-validation checkpoint, in eval mode.
         runner.load_best(fit)
@@ -135,7 +150,8 @@ def train(
         }
         tracking.log_results(metrics, labels, preds, data.classes, model, runner.device.type)
         log.info("test: %s (run %s)", ", ".join(f"{k}={v:.4f}" for k, v in test.items()), run.info.run_id)
-        return metrics
+    ckpt.remove()  # finished: the next launch of this config is a new run
+    return metrics
 
 
 def hydra_context() -> tuple[dict[str, str], list[str], bool]:
@@ -155,6 +171,9 @@ def main(raw: DictConfig) -> float:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except StopRequested as exc:  # SIGTERM/SIGINT: checkpoint saved, MLflow run KILLED
+        print(f"stopped: {resume_hint(exc)}", file=sys.stderr)
+        sys.exit(128 + (getattr(exc, "signum", None) or 15))
     # The value a sweeper (Optuna) maximises: model selection never looks at the test split.
     return float(metrics[f"best_val_{cfg.trainer.monitor}"])
 

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +97,33 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory):
     return _final_metrics(root)
 
 
+def test_sigterm_in_process_then_resume_gives_the_same_bits(tmp_path: Path, run_cli, capsys) -> None:
+    """The fast variant: a real SIGTERM to this process (the run's main thread handles it)."""
+    base, stopped = tmp_path / "base", tmp_path / "stopped"
+    args = [a for a in ARGS if not a.startswith("trainer.epochs")] + ["trainer.epochs=3"]
+    assert run_cli(*args, *_store(base)) == 0
+    want = _final_metrics(base)
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while _checkpoint(stopped) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    assert run_cli(*args, *_store(stopped)) == 128 + signal.SIGTERM
+    watcher.join()
+    err = capsys.readouterr().err
+    assert re.search(r"stopped: SIGTERM stopped after epoch \d+ step \d+ \(checkpoint .*checkpoint.pt", err)
+    assert runs_in(stopped).iloc[0]["status"] == "KILLED"
+    assert run_cli(*args, *_store(stopped)) == 0
+    got = _final_metrics(stopped)
+    assert got[2] == "FINISHED" and got[3] == runs_in(stopped).iloc[0]["run_id"]
+    assert got[:2] == want[:2]
+
+
+@pytest.mark.slow
 def test_sigterm_then_sigkill_then_resume_gives_the_same_bits(tmp_path: Path, uninterrupted) -> None:
     # 1. SIGTERM once the first epoch's checkpoint exists: finish the step, save, KILLED, exit 143.
     proc = _launch(tmp_path)

@@ -21,6 +21,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import RunStatus
 
+from transferlab import resilient
 from transferlab.config import ConfigError, MlflowConfig
 
 PACKAGES = (
@@ -55,6 +56,7 @@ def _local_sqlite_path(uri: str) -> Path | None:
 
 def setup_experiment(cfg: MlflowConfig) -> str:
     """Point MLflow at the store and return the experiment id, creating it with our artifact root."""
+    resilient.configure(cfg)  # an unreachable server answers within seconds, not minutes
     db = _local_sqlite_path(cfg.tracking_uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -130,16 +132,29 @@ def mlflow_run(
     try:
         yield run
     except KeyboardInterrupt as exc:
-        mlflow.set_tag("error", f"interrupted: {exc or type(exc).__name__}")
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        _end_quietly(RunStatus.KILLED, f"interrupted: {exc or type(exc).__name__}", None)
         raise
     except BaseException as exc:
-        mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        _end_quietly(RunStatus.FAILED, f"{type(exc).__name__}: {exc}"[:5000], exc)
         raise
     else:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+        resilient.retry(lambda: mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED)), "end the run")
+
+
+def _end_quietly(status: int, error: str, exc: BaseException | None) -> None:
+    """Record why the run ended; if the server is gone too, say so and let the real error surface."""
+    try:
+        mlflow.set_tag("error", error)
+        if exc is not None:
+            mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
+        mlflow.end_run(RunStatus.to_string(status))
+    except Exception as second:  # noqa: BLE001 - the original error matters more
+        print(
+            f"warning: could not mark the MLflow run {RunStatus.to_string(status)} "
+            f"({type(second).__name__}); it shows RUNNING until the run is resumed",
+            file=sys.stderr,
+        )
+        mlflow.end_run()  # forget it locally (the next call would fail the same way)
 
 
 def log_dataset(name: str, source: str, fingerprint: str, context: str, sizes: dict[str, int]) -> None:

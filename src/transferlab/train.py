@@ -35,6 +35,7 @@ from transferlab.config import ConfigError, TrainConfig, register_configs, to_ty
 from transferlab.data import check_data, class_counts, prepare
 from transferlab.engine import Runner, StopRequested
 from transferlab.modes import MODES, Mode, count_parameters, freeze_backbone, trainable_parameters
+from transferlab.resilient import EpochLog, retry
 
 log = logging.getLogger("transferlab.train")
 # Absolute, so the entrypoint finds conf/ both as `python -m transferlab.train` and when imported.
@@ -125,10 +126,12 @@ def train(
         if not runner.frozen_features and not mode.trains_backbone:
             log.info("data.augment=true: the frozen backbone runs on every batch (features change per epoch)")
         resume_state = ckpt.bind(run.info.run_id, runner, optimizer)  # None for a fresh run
+        # Per-epoch metrics survive a tracking-server outage (kept beside the checkpoint, replayed).
+        log_epoch = EpochLog(run.info.run_id, ckpt.path.parent)
         fit = runner.fit(
             optimizer,
             cfg.trainer.epochs,
-            tracking.log_epoch,
+            log_epoch,
             state=resume_state,
             checkpoint=ckpt.save,
             should_stop=stop.requested,
@@ -148,7 +151,11 @@ def train(
             "frozen_feature_path": float(fit.used_feature_path),
             **counts,
         }
-        tracking.log_results(metrics, labels, preds, data.classes, model, runner.device.type)
+        log_epoch.flush()
+        retry(
+            lambda: tracking.log_results(metrics, labels, preds, data.classes, model, runner.device.type),
+            "log the results",
+        )
         log.info("test: %s (run %s)", ", ".join(f"{k}={v:.4f}" for k, v in test.items()), run.info.run_id)
     ckpt.remove()  # finished: the next launch of this config is a new run
     return metrics

@@ -209,3 +209,36 @@ def test_nan_loss_fails_the_run_with_the_step_or_is_skipped(run_cli, store, tmp_
     assert run_cli(*nan, "trainer.on_nan=skip", "mlflow.experiment_name=skip") == 0
     skipped = runs_in(tmp_path, "skip").iloc[0]
     assert skipped["status"] == "FINISHED" and skipped["metrics.skipped_nonfinite_batches"] > 0
+
+
+def test_submitit_preemption_saves_first_then_hands_over(tmp_path: Path, run_cli) -> None:
+    """Under submitit, USR2 means preempted: our step/checkpoint/KILLED first, then submitit's handler.
+
+    The handler here stands in for submitit's ``checkpoint_and_try_requeue`` (which requeues through
+    hydra-submitit-launcher's ``checkpoint()`` and exits); a real Slurm preemption is not tested.
+    """
+    seen: dict[str, object] = {}
+
+    def submitit_handler(signum: int, frame: object) -> None:
+        seen["checkpoint"] = _checkpoint(tmp_path) is not None
+        seen["status"] = runs_in(tmp_path).iloc[0]["status"]
+        raise SystemExit(0)  # submitit's _exit() after requeueing
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+
+        def preempt() -> None:
+            deadline = time.monotonic() + 300
+            while _checkpoint(tmp_path) is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+        threading.Thread(target=preempt, daemon=True).start()
+        run_cli(
+            *[a for a in ARGS if not a.startswith("trainer.epochs")], "trainer.epochs=3", *_store(tmp_path)
+        )
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == {"checkpoint": True, "status": "KILLED"}
+    saved = torch.load(_checkpoint(tmp_path), weights_only=True)
+    assert saved["run_id"] == runs_in(tmp_path).iloc[0]["run_id"]

@@ -220,19 +220,43 @@ class StopSignal:
         )
 
 
+def _preemption_signal() -> signal.Signals | None:
+    """submitit's preemption/timeout signal when its handler is installed (a Slurm job), else None."""
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    signum = getattr(signal, f"SIG{name}", None)
+    if signum is None or not callable(signal.getsignal(signum)):
+        return None
+    return signum
+
+
 @contextmanager
 def stop_signals(ckpt: Checkpoint) -> Iterator[StopSignal]:
     """Install the handlers for the body (main thread only: elsewhere signals are not ours to take).
 
     A :class:`StopRequested` leaving the body is annotated with the signal, the checkpoint and the run.
+    Under submitit (hydra-submitit-launcher) its preemption signal is taken too: the step finishes,
+    the checkpoint is saved and the run marked KILLED, *then* submitit's own handler runs, which
+    requeues the job through the launcher's ``checkpoint()``; the requeued job has the same config,
+    finds this checkpoint and resumes the same MLflow run.
     """
     stop = StopSignal()
     main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, stop._handle) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    wanted = [signal.SIGTERM, signal.SIGINT]
+    preempt = _preemption_signal() if main else None
+    if preempt is not None:
+        wanted.append(preempt)
+    previous = {s: signal.signal(s, stop._handle) for s in wanted} if main else {}
     try:
         yield stop
     except StopRequested as exc:
         exc.signum, exc.checkpoint, exc.run_id = stop.signum, ckpt.path if ckpt.enabled else None, ckpt.run_id
+        if preempt is not None and stop.signum == preempt:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            previous = {}
+            log.warning("preempted: checkpoint saved; handing over to submitit to requeue the job")
+            previous_handler = signal.getsignal(preempt)
+            previous_handler(preempt, None)  # submitit: requeue, then exit
         raise
     finally:
         for s, handler in previous.items():

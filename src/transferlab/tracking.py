@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
 import sys
@@ -154,7 +155,8 @@ def _end_quietly(status: int, error: str, exc: BaseException | None) -> None:
             f"({type(second).__name__}); it shows RUNNING until the run is resumed",
             file=sys.stderr,
         )
-        mlflow.end_run()  # forget it locally (the next call would fail the same way)
+        with contextlib.suppress(Exception):  # pops the run locally before it calls the server
+            mlflow.end_run()
 
 
 def log_dataset(name: str, source: str, fingerprint: str, context: str, sizes: dict[str, int]) -> None:

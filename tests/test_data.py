@@ -84,7 +84,7 @@ def test_imagefolder_bad_layouts(tmp_path: Path) -> None:
         load_raw(ImageFolderDataConfig(root=str(tmp_path / "one")), "")
     _folder(tmp_path / "empty", {"a": 4})
     (tmp_path / "empty" / "b").mkdir()
-    with pytest.raises(ConfigError, match=r"\['b'\] .* hold no images"):
+    with pytest.raises(ConfigError, match=r"\['b'\] .* hold no readable images"):
         load_raw(ImageFolderDataConfig(root=str(tmp_path / "empty")), "")
     _folder(tmp_path / "mismatch" / "train", {"a": 4, "b": 4})
     _folder(tmp_path / "mismatch" / "test", {"a": 4, "c": 4})

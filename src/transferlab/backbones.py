@@ -303,27 +303,45 @@ def check_backbone_name(cfg: BackboneConfig) -> None:
         )
 
 
-def split_head(model: nn.Module) -> tuple[nn.Module, int]:
-    """Remove the classifier in place; return the headless backbone and its feature width.
+def find_classifier(model: nn.Module) -> tuple[str, int]:
+    """Where the classifier is (``"timm"`` or an attribute name) and its input width; changes nothing.
 
     timm models expose ``reset_classifier``; torchvision names its last layer ``fc`` (ResNet),
     ``classifier`` (a Sequential ending in Linear: MobileNet, ConvNeXt, EfficientNet, VGG) or
-    ``heads`` (ViT). The headless backbone outputs the pooled pre-logit feature vector.
+    ``heads`` (ViT). Every mode swaps this layer for a new head, so a network without one cannot
+    be used: that is reported before the run starts, naming the backbone.
     """
     if hasattr(model, "reset_classifier") and hasattr(model, "num_features"):
-        width = int(getattr(model, "head_hidden_size", None) or model.num_features)
-        model.reset_classifier(0)
-        return model, width
+        return "timm", int(getattr(model, "head_hidden_size", None) or model.num_features)
     for attr in ("fc", "classifier", "heads", "head"):
         layer = getattr(model, attr, None)
         if isinstance(layer, nn.Linear):
-            setattr(model, attr, nn.Identity())
-            return model, layer.in_features
+            return attr, layer.in_features
         if isinstance(layer, nn.Sequential) and len(layer) and isinstance(layer[-1], nn.Linear):
-            width = layer[-1].in_features
-            layer[-1] = nn.Identity()
-            return model, width
-    raise TypeError(f"cannot find the classifier of {type(model).__name__}: expected fc, classifier or heads")
+            return attr, layer[-1].in_features
+    raise ConfigError(
+        "backbone.name",
+        f"cannot find the classifier of {type(model).__name__} (no timm reset_classifier, and no "
+        "Linear fc / classifier / heads / head), so no mode can replace it with a new head",
+        "use a classification model from timm or torchvision.models",
+    )
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, int]:
+    """Remove the classifier in place; return the headless backbone and its feature width.
+
+    The headless backbone outputs the pooled pre-logit feature vector.
+    """
+    site, width = find_classifier(model)
+    if site == "timm":
+        model.reset_classifier(0)
+        return model, width
+    layer = getattr(model, site)
+    if isinstance(layer, nn.Linear):
+        setattr(model, site, nn.Identity())
+    else:
+        layer[-1] = nn.Identity()
+    return model, width
 
 
 class TransferModel(nn.Module):

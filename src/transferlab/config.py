@@ -181,6 +181,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        check_optimizer_target(self._target_)
         _positive("optimizer.lr", self.lr, "pass a positive learning rate, e.g. optimizer.lr=1e-3")
         if self.weight_decay < 0:
             raise ConfigError(
@@ -190,10 +191,39 @@ class OptimizerConfig:
             )
 
 
+def _check_betas(betas: tuple[float, float]) -> None:
+    if not all(0 <= b < 1 for b in betas):
+        raise ConfigError("optimizer.betas", f"must be in [0, 1), got {list(betas)}", "use [0.9,0.999]")
+
+
+def check_optimizer_target(target: str) -> None:
+    """``_target_`` names code to call: only optimizers from ``torch.optim`` (an allow-list).
+
+    The same check guards configs read back from a run (``transferlab.reproduce``): a logged
+    ``optimizer._target_=os.system`` is refused here, before anything is imported or called.
+    """
+    module, _, name = target.rpartition(".")
+    if module == "torch.optim" and name and not name.startswith("_"):
+        import torch.optim
+
+        candidate = getattr(torch.optim, name, None)
+        if isinstance(candidate, type) and issubclass(candidate, torch.optim.Optimizer):
+            return
+    raise ConfigError(
+        "optimizer._target_",
+        f"{target!r} is not an optimizer class of torch.optim",
+        "use optimizer=adam, adamw or sgd, or a torch.optim class such as torch.optim.RMSprop",
+    )
+
+
 @dataclass
 class AdamConfig(OptimizerConfig):
     _target_: str = "torch.optim.Adam"
     betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_betas(self.betas)
 
 
 @dataclass
@@ -201,6 +231,10 @@ class AdamWConfig(OptimizerConfig):
     _target_: str = "torch.optim.AdamW"
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_betas(self.betas)
 
 
 @dataclass
@@ -243,6 +277,18 @@ class DataConfig:
             )
         _fraction("data.test_fraction", self.test_fraction)
         _fraction("data.val_fraction", self.val_fraction)
+        _seed("data.split_seed", self.split_seed)
+
+
+def _seed(key: str, value: int) -> None:
+    if not 0 <= value < 2**32:  # numpy's and torch's seeding range
+        raise ConfigError(key, f"must be in [0, 2**32), got {value}", f"use {key}=0 or another small integer")
+
+
+def _named(key: str, value: str, expected: str) -> None:
+    """The loader is chosen by the option's schema; a different ``name`` would be read by nothing."""
+    if value != expected:
+        raise ConfigError(key, f"is {value!r} but this option loads {expected!r}", f"choose data={value}")
 
 
 @dataclass
@@ -255,6 +301,7 @@ class ElpvDataConfig(DataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _named("data.name", self.name, "elpv")
         if self.labels not in ("binary", "four_class"):
             raise ConfigError("data.labels", f"unknown labelling {self.labels!r}", "use binary or four_class")
         if self.cell_type not in ("all", "mono", "poly"):
@@ -267,9 +314,17 @@ class ElpvDataConfig(DataConfig):
 @dataclass
 class ImageFolderDataConfig(DataConfig):
     name: str = "imagefolder"
+    # Every file is decoded once before the run starts. error: stop, naming the first bad file;
+    # skip: leave unreadable files out and log their list (skipped_images.json) with the run.
+    on_bad_image: str = "error"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _named("data.name", self.name, "imagefolder")
+        if self.on_bad_image not in ("error", "skip"):
+            raise ConfigError(
+                "data.on_bad_image", f"unknown policy {self.on_bad_image!r}", "use error or skip"
+            )
         if not self.root:
             raise ConfigError(
                 "data.root",
@@ -304,6 +359,9 @@ class SyntheticDataConfig(DataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _named("data.name", self.name, "synthetic")
+        if not 8 <= self.image_size <= 4096:
+            raise ConfigError("data.image_size", f"must be in [8, 4096], got {self.image_size}", "use 32")
         if self.num_classes < 2:
             raise ConfigError("data.num_classes", f"must be >= 2, got {self.num_classes}", "use 2 or more")
         if self.images_per_class < 4:
@@ -331,6 +389,14 @@ class TrainerConfig:
     # Which validation metric picks the best epoch (its checkpoint is the one tested).
     monitor: str = "accuracy"
     progress: bool = True
+    # torch.use_deterministic_algorithms + CUBLAS_WORKSPACE_CONFIG: bit-reproducible GPU runs
+    # (slower; an op without a deterministic kernel then raises). CPU runs are reproducible anyway.
+    deterministic: bool = False
+    # A NaN/inf training loss. error: the run ends FAILED naming the epoch and step; skip: the
+    # batch's update is dropped, counted (metric skipped_nonfinite_batches) and the run goes on.
+    on_nan: str = "error"
+    # Write a checkpoint atomically after every epoch and on SIGTERM/SIGINT (resume needs it).
+    checkpoint: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -345,6 +411,8 @@ class TrainerConfig:
             raise ConfigError(
                 "trainer.device", f"unknown device {self.device!r}", "use auto, cpu, cuda, cuda:N or mps"
             )
+        if self.on_nan not in ("error", "skip"):
+            raise ConfigError("trainer.on_nan", f"unknown policy {self.on_nan!r}", "use error or skip")
         if self.monitor not in ("accuracy", "balanced_accuracy", "macro_f1", "loss"):
             raise ConfigError(
                 "trainer.monitor",
@@ -360,8 +428,15 @@ class MlflowConfig:
     artifact_location: str = MISSING
     experiment_name: str = "transferlab"
     run_name: str | None = None
+    # A tracking server that stops answering mid-run: metrics are buffered and replayed, training
+    # goes on; after this many seconds without the server the run stops (checkpoint kept).
+    max_outage_s: float = 600.0
+    # One HTTP request to a tracking server gives up after this long (MLflow's default is 120 s).
+    request_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
+        _positive("mlflow.max_outage_s", self.max_outage_s, "use e.g. mlflow.max_outage_s=600")
+        _positive("mlflow.request_timeout_s", self.request_timeout_s, "use e.g. mlflow.request_timeout_s=10")
         if not self.experiment_name.strip():
             raise ConfigError(
                 "mlflow.experiment_name", "is empty", "name the experiment, e.g. mlflow.experiment_name=elpv"
@@ -405,6 +480,15 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
+    # Continue from this config's checkpoint (left by a kill or preemption) in the same MLflow run.
+    resume: bool = True
+    # Resume this MLflow run from its checkpoint (the config must be the run's own).
+    resume_run: str | None = None
+
+    def __post_init__(self) -> None:
+        _seed("seed", self.seed)
+        if self.resume_run is not None and not self.resume:
+            raise ConfigError("resume_run", "is set but resume=false", "drop resume=false or resume_run")
 
 
 def repo_root() -> str:

@@ -9,6 +9,7 @@ exactly the same arithmetic for every mode. Splits are index arrays into that on
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
 from sklearn.model_selection import train_test_split
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from transferlab import validate
 from transferlab.backbones import Preprocess
 from transferlab.config import (
     ConfigError,
@@ -33,8 +34,8 @@ from transferlab.config import (
 )
 
 TORCHVISION_DATASETS = ("cifar10", "flowers102", "oxford_iiit_pet", "dtd")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
+log = logging.getLogger("transferlab.data")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class RawDataset:
     # Official or on-disk splits (index arrays); None: split here, stratified and seeded.
     given_splits: dict[str, np.ndarray] | None = None
     sources: list[str] = field(default_factory=list)  # per-image origin (file path), if any
+    skipped: list[validate.BadImage] = field(default_factory=list)  # data.on_bad_image=skip
 
 
 @dataclass
@@ -73,6 +75,7 @@ class PreparedData:
     preprocess: Preprocess
     fingerprint: str  # sha256 of decoded pixels + labels of the images used
     source: str
+    skipped: list[validate.BadImage] = field(default_factory=list)  # left out as unreadable
 
     @property
     def num_classes(self) -> int:
@@ -100,20 +103,35 @@ def _elpv(cfg: ElpvDataConfig) -> RawDataset:
     return RawDataset("elpv", lambda i: images[i], labels, classes, src)
 
 
-def _scan_class_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+def _scan_class_folders(
+    root: Path, top: Path
+) -> tuple[list[str], list[tuple[Path, int]], list[validate.BadImage]]:
+    """Class folders under ``root`` and their files, each decoded once by :mod:`transferlab.validate`."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    items = []
+    items, bad = [], []
     for index, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
-                items.append((path, index))
-    return classes, items
+        good, broken = validate.scan_class_folder(root / name, top)
+        items += [(path, index) for path in good]
+        bad += broken
+    return classes, items, bad
 
 
-def _read_file(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        im = im.convert("L") if im.mode in ("L", "I;16", "I") else im.convert("RGB")
-        return np.asarray(im)
+# (root, split parts, listing with sizes and mtimes) -> scan: the pre-flight check and prepare() share
+# it, so each file is decoded once to check it and once to use it.
+_SCANS: dict[tuple, tuple] = {}
+
+
+def _scan_cached(root: Path, parts: list[str]) -> tuple:
+    listing = tuple(
+        (str(p), st.st_size, st.st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and (st := p.stat())
+    )
+    key = (str(root.resolve()), tuple(parts), listing)
+    if key not in _SCANS:
+        _SCANS.clear()  # one folder at a time: the cache only spares the second decode pass
+        _SCANS[key] = tuple(_scan_class_folders(root / part, root) for part in parts)
+    return _SCANS[key]
 
 
 def _imagefolder(cfg: ImageFolderDataConfig) -> RawDataset:
@@ -128,19 +146,32 @@ def _imagefolder(cfg: ImageFolderDataConfig) -> RawDataset:
     parts = presplit or [""]
     classes: list[str] | None = None
     items: list[tuple[Path, int]] = []
+    bad: list[validate.BadImage] = []
     given: dict[str, np.ndarray] = {}
-    for part in parts:
-        part_classes, part_items = _scan_class_folders(root / part)
+    for part, (part_classes, part_items, part_bad) in zip(parts, _scan_cached(root, parts), strict=True):
+        bad += part_bad
         if classes is not None and part_classes != classes:
+            missing = sorted(set(classes) - set(part_classes))
+            extra = sorted(set(part_classes) - set(classes))
             raise ConfigError(
                 "data.root",
-                f"{root / part} has classes {part_classes}, {root / parts[0]} has {classes}",
+                f"{root / part} lacks class folder(s) {missing} and has extra {extra} "
+                f"compared with {root / parts[0]}",
                 "use the same class subfolders in every split",
             )
         classes = part_classes
+        held = {label for _, label in part_items}
+        empty_here = [c for i, c in enumerate(part_classes) if i not in held]
+        if presplit and empty_here:
+            raise ConfigError(
+                "data.root",
+                f"class folder(s) {empty_here} under {root / part} hold no readable images",
+                "give every class images in every split folder, or drop the class everywhere",
+            )
         given[part] = np.arange(len(items), len(items) + len(part_items))
         items += part_items
     assert classes is not None
+    validate.raise_or_report(bad, cfg.on_bad_image, root)
     counts = (
         np.bincount([label for _, label in items], minlength=len(classes))
         if items
@@ -156,7 +187,8 @@ def _imagefolder(cfg: ImageFolderDataConfig) -> RawDataset:
     if empty:
         raise ConfigError(
             "data.root",
-            f"class folder(s) {empty} under {root} hold no images ({', '.join(IMAGE_EXTENSIONS)})",
+            f"class folder(s) {empty} under {root} hold no readable images"
+            + (f" ({len(bad)} file(s) skipped as bad)" if bad else ""),
             "add images or remove the empty class folders",
         )
     paths = [p for p, _ in items]
@@ -172,12 +204,13 @@ def _imagefolder(cfg: ImageFolderDataConfig) -> RawDataset:
         given_splits = given
     return RawDataset(
         "imagefolder",
-        lambda i: _read_file(paths[i]),
+        lambda i: validate.load_image(paths[i]),
         labels,
         classes,
         str(root),
         given_splits,
         [str(p) for p in paths],
+        bad,
     )
 
 
@@ -343,6 +376,14 @@ def preprocess_image(array: np.ndarray, pre: Preprocess) -> torch.Tensor:
 def prepare(cfg: DataConfig, pre: Preprocess, data_dir: str) -> PreparedData:
     """Decode the images a run uses once, fingerprint them, and preprocess them for ``pre``."""
     raw = load_raw(cfg, data_dir)
+    if raw.skipped:
+        first = raw.skipped[0]
+        log.warning(
+            "data.on_bad_image=skip: left out %d unreadable file(s), e.g. %s: %s",
+            len(raw.skipped),
+            first.path,
+            first.problem,
+        )
     splits = make_splits(raw, cfg)
     used = np.sort(np.concatenate([splits.train, splits.val, splits.test]))
     digest = hashlib.sha256()
@@ -371,6 +412,7 @@ def prepare(cfg: DataConfig, pre: Preprocess, data_dir: str) -> PreparedData:
         pre,
         digest.hexdigest(),
         raw.source,
+        raw.skipped,
     )
 
 

@@ -11,6 +11,7 @@ Otherwise every batch runs the whole model, with only the trainable parts in tra
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -79,6 +80,39 @@ def better(monitor: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
     return value < best if monitor == "loss" else value > best
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN or infinite training loss under ``trainer.on_nan=error``: the run ends FAILED."""
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM/SIGINT arrived: the current step finished and ``state`` is where to resume.
+
+    A KeyboardInterrupt, so that the MLflow run ends KILLED (not FAILED) and sweeps stop too.
+    """
+
+    def __init__(self, state: FitState) -> None:
+        self.state = state
+        super().__init__(f"stopped after epoch {state.epoch} step {state.step}")
+
+
+@dataclass
+class FitState:
+    """Everything the loop carries from step to step: a checkpoint saves it, a resume restores it."""
+
+    epoch: int = 0  # the epoch in progress, or the next one
+    step: int = 0  # batches of that epoch already trained
+    order: torch.Tensor | None = None  # that epoch's data order; None until it is drawn
+    totals: dict[str, float] = field(default_factory=dict)  # the epoch's running sums
+    global_step: int = 0
+    best_value: float | None = None
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step, self.order, self.totals = self.epoch + 1, 0, None, {}
 
 
 @dataclass
@@ -151,20 +185,25 @@ class Runner:
             return self.model.head(self.features[idx.to(self.features.device)])
         return self.net(self._inputs(idx, train))
 
-    def train_epoch(self, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
+    def train_epoch(
+        self, optimizer: torch.optim.Optimizer, state: FitState, should_stop: Callable[[], bool]
+    ) -> dict[str, float]:
+        """Train from ``state.step`` of epoch ``state.epoch`` to its end (all of it unless resuming)."""
         set_train_mode(self.model, self.mode)
         if self.features is not None:
             self.model.backbone.eval()
-        train_idx = torch.from_numpy(self.data.splits.train)
-        order = train_idx[torch.randperm(len(train_idx), generator=self.generator)]
+        if state.order is None:  # a new epoch: draw its data order (a resumed one keeps its own)
+            train_idx = torch.from_numpy(self.data.splits.train)
+            state.order = train_idx[torch.randperm(len(train_idx), generator=self.generator)]
+            state.totals = {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0}
         loss_fn = nn.CrossEntropyLoss()
-        total_loss, correct, seen = 0.0, 0, 0
+        totals = state.totals
         start = time.perf_counter()
-        batches = order.split(self.cfg.batch_size)
+        batches = state.order.split(self.cfg.batch_size)
         # In a log file (no TTY) redraw rarely rather than once per batch.
         bar = tqdm(
-            batches,
-            desc=f"epoch {epoch}",
+            batches[state.step :],
+            desc=f"epoch {state.epoch}",
             disable=not self.cfg.progress,
             leave=False,
             unit="batch",
@@ -175,24 +214,40 @@ class Runner:
             with self.precision.autocast():
                 logits = self._logits(idx, train=True)
                 loss = loss_fn(logits.float(), labels)
+            value = loss.item()
             optimizer.zero_grad(set_to_none=True)
-            if self.precision.scaler is not None:
-                self.precision.scaler.scale(loss).backward()
-                self.precision.scaler.step(optimizer)
-                self.precision.scaler.update()
+            if not math.isfinite(value):
+                if self.cfg.on_nan == "error":
+                    raise NonFiniteLossError(
+                        f"training loss is {value} at epoch {state.epoch} step {state.step} "
+                        f"(global step {state.global_step}). Fix: lower optimizer.lr, check the data, "
+                        "or pass trainer.on_nan=skip to drop such batches"
+                    )
+                totals["skipped"] += 1  # trainer.on_nan=skip: no update from this batch
             else:
-                loss.backward()
-                optimizer.step()
-            total_loss += loss.item() * len(idx)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(idx)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+                if self.precision.scaler is not None:
+                    self.precision.scaler.scale(loss).backward()
+                    self.precision.scaler.step(optimizer)
+                    self.precision.scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                totals["loss"] += value * len(idx)
+                totals["correct"] += (logits.argmax(1) == labels).sum().item()
+                totals["seen"] += len(idx)
+                bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.4f}")
+            state.step += 1
+            state.global_step += 1
+            if should_stop():  # a signal arrived: the step is done, the caller saves and exits
+                raise StopRequested(state)
         seconds = time.perf_counter() - start
+        seen = totals["seen"]
         return {
-            "train_loss": total_loss / seen,
-            "train_accuracy": correct / seen,
+            "train_loss": totals["loss"] / seen if seen else float("nan"),
+            "train_accuracy": totals["correct"] / seen if seen else float("nan"),
             "epoch_time_s": seconds,
-            "images_per_s": seen / seconds,
+            "images_per_s": seen / seconds if seconds else 0.0,
+            "skipped_nonfinite_batches": totals["skipped"],
         }
 
     @torch.inference_mode()
@@ -215,8 +270,21 @@ class Runner:
         return classification_metrics(labels, preds, loss), labels, preds
 
     def fit(
-        self, optimizer: torch.optim.Optimizer, epochs: int, log: MetricLogger, start_epoch: int = 0
+        self,
+        optimizer: torch.optim.Optimizer,
+        epochs: int,
+        log: MetricLogger,
+        start_epoch: int = 0,
+        *,
+        state: FitState | None = None,
+        checkpoint: Callable[[FitState], None] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> FitResult:
+        """Train until ``epochs`` are done, from ``state`` when resuming (see :mod:`transferlab.checkpoint`).
+
+        ``checkpoint(state)`` runs after every epoch and, when ``should_stop()`` turns true after a
+        step, once more before :class:`StopRequested` is raised.
+        """
         feature_seconds = 0.0
         if self.frozen_features:
             start = time.perf_counter()
@@ -225,23 +293,40 @@ class Runner:
             else:  # computed once per key on disk, shared with every other run and sweep job
                 self.features = self.feature_cache.features(self)
             feature_seconds = time.perf_counter() - start
-        best_value: float | None = None
-        result = FitResult(-1, {}, [], feature_seconds, self.features is not None)
+        state = state or FitState(epoch=start_epoch)
+        cache_hit = None
         if self.features is not None and self.feature_cache is not None:
-            result.feature_cache_hit = self.feature_cache.lookup is not None and self.feature_cache.lookup.hit
-        for epoch in range(start_epoch, start_epoch + epochs):
-            row = self.train_epoch(optimizer, epoch)
-            val, _, _ = self.evaluate(self.data.splits.val)
-            row.update({f"val_{k}": v for k, v in val.items()})
-            log(row, epoch)
-            result.history.append({"epoch": epoch, **row})
-            if better(self.cfg.monitor, val[self.cfg.monitor], best_value):
-                best_value = val[self.cfg.monitor]
-                result.best_epoch = epoch
-                # Only what trains can differ from the start; a frozen backbone is not copied.
-                module = self.model if self.mode.trains_backbone else self.model.head
-                result.best_state = copy.deepcopy(module.state_dict())
-        return result
+            cache_hit = self.feature_cache.lookup is not None and self.feature_cache.lookup.hit
+        try:
+            if should_stop():  # a signal during data preparation or feature extraction
+                raise StopRequested(state)
+            while state.epoch < start_epoch + epochs:
+                row = self.train_epoch(optimizer, state, should_stop)
+                val, _, _ = self.evaluate(self.data.splits.val)
+                row.update({f"val_{k}": v for k, v in val.items()})
+                log(row, state.epoch)
+                state.history.append({"epoch": state.epoch, **row})
+                if better(self.cfg.monitor, val[self.cfg.monitor], state.best_value):
+                    state.best_value = val[self.cfg.monitor]
+                    state.best_epoch = state.epoch
+                    # Only what trains can differ from the start; a frozen backbone is not copied.
+                    module = self.model if self.mode.trains_backbone else self.model.head
+                    state.best_state = copy.deepcopy(module.state_dict())
+                state.next_epoch()
+                if checkpoint is not None:
+                    checkpoint(state)
+        except StopRequested:
+            if checkpoint is not None:
+                checkpoint(state)
+            raise
+        return FitResult(
+            state.best_epoch,
+            state.best_state,
+            state.history,
+            feature_seconds,
+            self.features is not None,
+            cache_hit,
+        )
 
     def load_best(self, result: FitResult) -> None:
         module = self.model if self.mode.trains_backbone else self.model.head

@@ -77,6 +77,11 @@ class Stage:
     def trains_backbone(self) -> bool:
         return self.trainable_stages != 0
 
+    @property
+    def end(self) -> int:
+        """The step after its last epoch: the next stage's ``first_step``."""
+        return self.first_step + self.epochs
+
 
 def schedule(cfg: ModeConfig, epochs: int, lr: float) -> list[Stage]:
     """The stages of a run. ``epochs`` (trainer.epochs) counts the stage that trains the backbone:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import subprocess
@@ -22,6 +23,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import RunStatus
 
+from transferlab import resilient
 from transferlab.config import ConfigError, MlflowConfig
 
 _log = logging.getLogger("transferlab.tracking")
@@ -57,6 +59,7 @@ def _local_sqlite_path(uri: str) -> Path | None:
 
 def setup_experiment(cfg: MlflowConfig) -> str:
     """Point MLflow at the store and return the experiment id, creating it with our artifact root."""
+    resilient.configure(cfg)  # an unreachable server answers within seconds, not minutes
     db = _local_sqlite_path(cfg.tracking_uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -113,22 +116,49 @@ def package_versions() -> dict[str, str]:
 
 
 @contextmanager
-def mlflow_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
-    """A run that ends FINISHED, FAILED with the error text, or KILLED on Ctrl-C; never left RUNNING."""
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+def mlflow_run(
+    experiment_id: str, run_name: str | None, tags: dict[str, str], run_id: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """A run that ends FINISHED, FAILED with the error text, or KILLED on a signal; never left RUNNING.
+
+    With ``run_id`` (a resume) the existing run is reopened: its metrics, params and artifacts stay
+    and what follows is appended.
+    """
+    if run_id is not None:
+        run = mlflow.start_run(run_id=run_id)
+        resumes = int(run.data.tags.get("resumes", "0")) + 1
+        mlflow.set_tags({**tags, "resumes": str(resumes)})
+        if "error" in run.data.tags:  # the interruption being resumed from
+            mlflow.delete_tag("error")
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     try:
         yield run
-    except KeyboardInterrupt:
-        mlflow.set_tag("error", "interrupted (KeyboardInterrupt)")
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+    except KeyboardInterrupt as exc:
+        _end_quietly(RunStatus.KILLED, f"interrupted: {exc or type(exc).__name__}", None)
         raise
     except BaseException as exc:
-        mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        _end_quietly(RunStatus.FAILED, f"{type(exc).__name__}: {exc}"[:5000], exc)
         raise
     else:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+        resilient.retry(lambda: mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED)), "end the run")
+
+
+def _end_quietly(status: int, error: str, exc: BaseException | None) -> None:
+    """Record why the run ended; if the server is gone too, say so and let the real error surface."""
+    try:
+        mlflow.set_tag("error", error)
+        if exc is not None:
+            mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
+        mlflow.end_run(RunStatus.to_string(status))
+    except Exception as second:  # noqa: BLE001 - the original error matters more
+        print(
+            f"warning: could not mark the MLflow run {RunStatus.to_string(status)} "
+            f"({type(second).__name__}); it shows RUNNING until the run is resumed",
+            file=sys.stderr,
+        )
+        with contextlib.suppress(Exception):  # pops the run locally before it calls the server
+            mlflow.end_run()
 
 
 def log_dataset(name: str, source: str, fingerprint: str, context: str, sizes: dict[str, int]) -> None:
@@ -194,7 +224,9 @@ def log_params(cfg: Any, raw: Any) -> None:
     resolved = OmegaConf.to_container(raw, resolve=True)
     assert isinstance(resolved, dict)
     params = {k: ("null" if v is None else v) for k, v in flatten(resolved).items()}
-    mlflow.log_params(params)
+    # A resumed run has them already; MLflow refuses changed values (a relaunch's new output dir).
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
     mlflow.log_text(OmegaConf.to_yaml(raw, resolve=True), "config.yaml")
 
 
@@ -219,6 +251,7 @@ def log_reproducibility(cfg: Any, built: Any, data: Any, counts: dict[str, int])
             "fingerprint": data.fingerprint,
             "classes": data.classes,
             "splits": data.splits.sizes(),
+            "skipped_images": len(getattr(data, "skipped", [])),
         },
         "packages": package_versions(),
         "platform": {
@@ -229,6 +262,10 @@ def log_reproducibility(cfg: Any, built: Any, data: Any, counts: dict[str, int])
         "parameters": counts,
     }
     mlflow.log_dict(record, "reproducibility.json")
+    skipped = getattr(data, "skipped", [])
+    if skipped:  # data.on_bad_image=skip: which files were left out, and why
+        mlflow.log_dict([{"path": b.path, "problem": b.problem} for b in skipped], "skipped_images.json")
+    mlflow.log_metric("skipped_images", len(skipped))
     mlflow.set_tags(
         {
             "mlflow.source.git.commit": git["commit"],
@@ -258,7 +295,13 @@ def log_results(
 
 
 def log_stage(
-    stage: Any, mode: Any, groups: list[dict[str, Any]], counts: dict[str, int], index: int, of: int
+    stage: Any,
+    mode: Any,
+    groups: list[dict[str, Any]],
+    counts: dict[str, int],
+    index: int,
+    of: int,
+    sink: Callable[[dict[str, float], int], None] | None = None,
 ) -> Callable[[dict[str, float], int], None]:
     """Record a stage (what trains, at which lrs, over which steps); return its per-epoch logger.
 
@@ -306,7 +349,8 @@ def log_stage(
     extra = {"lr_head": float(head["lr"]), "lr_backbone": float(max(backbone_lrs, default=0.0))}
     if of > 1:
         extra["stage"] = float(index)
-    return lambda row, step: log_epoch({**row, **extra}, step)
+    write = sink or log_epoch  # sink: e.g. resilient.EpochLog, which survives a server outage
+    return lambda row, step: write({**row, **extra}, step)
 
 
 def log_cache_use(cfg: Any, trains_backbone: bool, inputs: Any) -> None:

@@ -24,11 +24,18 @@ from omegaconf import DictConfig
 from torch import nn
 
 from transferlab import sweep, tracking
-from transferlab.backbones import TransferModel, build_backbone, check_backbone_name, split_head
+from transferlab.backbones import (
+    TransferModel,
+    build_backbone,
+    check_backbone_name,
+    find_classifier,
+    split_head,
+)
 from transferlab.cache import FeatureCache, prepare_cached
+from transferlab.checkpoint import Checkpoint, resume_hint, set_deterministic, stop_signals
 from transferlab.config import ConfigError, TrainConfig, register_configs, to_typed
 from transferlab.data import check_data, class_counts
-from transferlab.engine import FitResult, Runner
+from transferlab.engine import FitResult, Runner, StopRequested
 from transferlab.modes import (
     MODES,
     Mode,
@@ -39,6 +46,7 @@ from transferlab.modes import (
     schedule,
 )
 from transferlab.optim import describe, param_groups
+from transferlab.resilient import EpochLog, retry
 
 log = logging.getLogger("transferlab.train")
 # Absolute, so the entrypoint finds conf/ both as `python -m transferlab.train` and when imported.
@@ -85,8 +93,10 @@ def train(
     """
     experiment_id = preflight(cfg)
     seed_everything(cfg.seed)  # before any module is built: random init and the head depend on it
+    set_deterministic(cfg.trainer.deterministic)
     # Weights before the run starts: a backbone that cannot be had here is bad input, not a failed run.
     built = build_backbone(cfg.backbone)
+    find_classifier(built.model)  # a network whose head no mode can replace: bad input, no run
     check_stages(cfg.mode, built.model, cfg.backbone.name)  # mode=partial: enough stages to train
     tags = {f"choice.{group}": str(option) for group, option in choices.items()}
     tags |= {
@@ -100,7 +110,13 @@ def train(
     if job is not None:
         tags |= job.tags
         run_name = run_name or job.run_name
-    with tracking.mlflow_run(experiment_id, run_name, tags) as run:
+    # Resume: this config's checkpoint (a killed or preempted run) names the MLflow run to continue.
+    ckpt = Checkpoint.for_config(cfg, raw)
+    resumed_epoch = ckpt.resumed_from["epoch"] if ckpt.resumed_from else None
+    with (
+        stop_signals(ckpt) as stop,
+        tracking.mlflow_run(experiment_id, run_name, tags, run_id=ckpt.run_id) as run,
+    ):
         started = time.perf_counter()
         tracking.log_params(cfg, raw)
         tracking.log_json(
@@ -132,16 +148,31 @@ def train(
         feature_seconds, cache_hit = 0.0, None
         # Frozen features are computed once per backbone, weights and images, and shared on disk.
         features = FeatureCache(cfg.paths.cache_dir, built) if cfg.trainer.feature_cache else None
+        # Per-epoch metrics survive a tracking-server outage (kept beside the checkpoint, replayed).
+        log_epoch = EpochLog(run.info.run_id, ckpt.path.parent)
         for index, stage in enumerate(stages):
+            if resumed_epoch is not None and stage is not stages[-1] and resumed_epoch >= stage.end:
+                continue  # finished before the stop: its result is in the checkpointed model
             mode = enter_stage(model, stage)  # which parameters train, which modules stay in eval mode
             if index == 0:
                 tracking.log_cache_use(cfg, mode.trains_backbone, inputs)
             groups = param_groups(model, stage, cfg.optimizer.weight_decay)  # lr per head/backbone/layer
             optimizer = instantiate(cfg.optimizer)(groups)  # only trainable parameters reach it
             counts["trainable_params"] = count_parameters(model, lambda p: p.requires_grad)
-            epoch_log = tracking.log_stage(stage, mode, describe(model, groups), counts, index, len(stages))
+            epoch_log = tracking.log_stage(
+                stage, mode, describe(model, groups), counts, index, len(stages), log_epoch
+            )
             runner = Runner(model, data, mode, cfg.trainer, cfg.seed, cfg.data.augment, features)
-            fit = runner.fit(optimizer, stage.epochs, epoch_log, start_epoch=stage.first_step)
+            resume_state = ckpt.bind(run.info.run_id, runner, optimizer)  # None unless resuming here
+            fit = runner.fit(
+                optimizer,
+                stage.epochs,
+                epoch_log,
+                start_epoch=stage.first_step,
+                state=resume_state,
+                checkpoint=ckpt.save,
+                should_stop=stop.requested,
+            )
             feature_seconds += fit.feature_seconds
             cache_hit = fit.feature_cache_hit if fit.feature_cache_hit is not None else cache_hit
             runner.load_best(fit)  # the best-on-validation checkpoint: tested, or the next stage's start
@@ -166,9 +197,14 @@ def train(
             **({} if cache_hit is None else {"feature_cache_hit": float(cache_hit)}),
             **counts,
         }
-        tracking.log_results(metrics, labels, preds, data.classes, model, runner.device.type)
+        log_epoch.flush()
+        retry(
+            lambda: tracking.log_results(metrics, labels, preds, data.classes, model, runner.device.type),
+            "log the results",
+        )
         log.info("test: %s (run %s)", ", ".join(f"{k}={v:.4f}" for k, v in test.items()), run.info.run_id)
-        return metrics
+    ckpt.remove()  # finished: the next launch of this config is a new run
+    return metrics
 
 
 def hydra_context() -> tuple[dict[str, str], list[str], bool]:
@@ -191,6 +227,9 @@ def main(raw: DictConfig) -> float:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except StopRequested as exc:  # SIGTERM/SIGINT: checkpoint saved, MLflow run KILLED
+        print(f"stopped: {resume_hint(exc)}", file=sys.stderr)
+        sys.exit(128 + (getattr(exc, "signum", None) or 15))
     # The value a sweeper (Optuna) maximises: model selection never looks at the test split.
     return float(metrics[f"best_val_{cfg.trainer.monitor}"])
 

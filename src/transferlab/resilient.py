@@ -1,0 +1,157 @@
+"""A tracking server that may fail: fail fast at the start, lose nothing in the middle.
+
+* Start: MLflow's HTTP client retries a refused connection 7 times with exponential back-off
+  (minutes). For an ``http(s)://`` store we lower that to one retry and ``mlflow.request_timeout_s``
+  per request, unless the user set ``MLFLOW_HTTP_REQUEST_*`` themselves, so an unreachable server
+  is reported by ``setup_experiment`` within seconds, before any compute.
+* During the run: per-epoch metrics go through :class:`EpochLog`. When a send fails with a
+  transient error (no connection, timeout, HTTP 5xx) the values keep their original timestamps and
+  steps, wait in memory *and* in a spool file beside the checkpoint, and training goes on; each
+  later epoch retries, and the end of the run waits (back-off) until all are sent. Nothing is lost.
+* A longer outage than ``mlflow.max_outage_s`` ends the run with one clear line; the checkpoint and
+  the spool stay, and the same command resumes the run and replays the spool once the server is back.
+
+MLflow's own asynchronous logging (``log_metrics(synchronous=False)``) was not used: it does not
+survive an outage longer than its retries, and its queue lives only in the process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import requests
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+
+from transferlab.config import ConfigError, MlflowConfig
+
+log = logging.getLogger("transferlab.resilient")
+T = TypeVar("T")
+SPOOL = "pending_metrics.jsonl"
+# Set by configure(): how long a blocking send may keep retrying.
+_max_outage_s = 600.0
+
+
+class TrackingOutageError(ConfigError):
+    """The tracking server stayed unreachable longer than ``mlflow.max_outage_s``."""
+
+
+def configure(cfg: MlflowConfig) -> None:
+    """Short HTTP retries for a remote store (the user's own MLFLOW_HTTP_REQUEST_* win)."""
+    global _max_outage_s
+    _max_outage_s = cfg.max_outage_s
+    if cfg.tracking_uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(cfg.request_timeout_s))))
+
+
+def transient(exc: BaseException) -> bool:
+    """No connection, a timeout or a server error: worth retrying. A 4xx is a bug: raise it."""
+    if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout | ConnectionError):
+        return True
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code() >= 500 or "failed with" in str(exc)
+    return False
+
+
+def _outage_error(since: float, detail: str) -> TrackingOutageError:
+    return TrackingOutageError(
+        "mlflow.tracking_uri",
+        f"tracking server unreachable for {time.monotonic() - since:.0f} s (mlflow.max_outage_s="
+        f"{_max_outage_s:g}); {detail}",
+        "start the server again and rerun the same command: the run resumes from its checkpoint "
+        "and the kept metrics are replayed",
+    )
+
+
+def retry(call: Callable[[], T], what: str) -> T:
+    """``call()`` with exponential back-off (1 s .. 30 s) while it fails transiently, up to the limit."""
+    since, delay = None, 1.0
+    while True:
+        try:
+            result = call()
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            if since is None:
+                since = time.monotonic()
+                log.warning("tracking server unreachable (%s); retrying %s", type(exc).__name__, what)
+            if time.monotonic() - since + delay > _max_outage_s:
+                raise _outage_error(since, f"could not {what}") from exc
+            time.sleep(delay)
+            delay = min(30.0, delay * 2)
+        else:
+            if since is not None:
+                log.warning("tracking server back after %.0f s; %s done", time.monotonic() - since, what)
+            return result
+
+
+class EpochLog:
+    """The ``log(row, epoch)`` callback of the training loop: never blocks on a dead server."""
+
+    def __init__(self, run_id: str, spool_dir: Path) -> None:
+        self.client = MlflowClient()
+        self.run_id = run_id
+        self.spool = spool_dir / SPOOL
+        self.pending: list[Metric] = []
+        self.outage_since: float | None = None
+        if self.spool.exists():  # left by a run that stopped during an outage: replay it first
+            rows = [json.loads(line) for line in self.spool.read_text().splitlines() if line]
+            self.pending = [Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in rows]
+            log.info("replaying %d metric value(s) kept during an outage", len(self.pending))
+            self.flush(block=True)
+
+    def __call__(self, row: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in row.items()]
+        self.flush(block=False)
+
+    def flush(self, block: bool = True) -> None:
+        """Send what is pending; ``block``: wait (with back-off) until sent or the limit is reached."""
+        if block:
+            retry(lambda: self._send(), f"send {len(self.pending)} kept metric value(s)")
+            return
+        try:
+            self._send()
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            if self.outage_since is None:
+                self.outage_since = time.monotonic()
+                log.warning(
+                    "tracking server unreachable: keeping metrics in %s, training goes on", self.spool
+                )
+            self._write_spool()
+            if time.monotonic() - self.outage_since > _max_outage_s:
+                raise _outage_error(
+                    self.outage_since, f"{len(self.pending)} metric value(s) kept in {self.spool}"
+                ) from exc
+
+    def _send(self) -> None:
+        while self.pending:
+            batch = self.pending[:1000]  # MLflow's log_batch limit
+            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+            del self.pending[: len(batch)]
+        if self.outage_since is not None:
+            log.warning(
+                "tracking server back after %.0f s: kept metrics sent", time.monotonic() - self.outage_since
+            )
+            self.outage_since = None
+        self.spool.unlink(missing_ok=True)
+
+    def _write_spool(self) -> None:
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.spool.with_suffix(".tmp")
+        rows = [
+            {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self.pending
+        ]
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.spool)

@@ -1,0 +1,87 @@
+"""Bad config: one line naming the key and the fix, a non-zero exit, and no MLflow run at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from .conftest import TINY
+
+
+def _no_runs(tmp_path: Path) -> bool:
+    db = tmp_path / "mlflow.db"
+    if not db.exists():
+        return True
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    return mlflow.search_runs(search_all_experiments=True).empty
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["trainer.epochs=0"], "trainer.epochs: must be >= 1"),
+        (["trainer.batch_size=0"], "trainer.batch_size: must be >= 1"),
+        (["optimizer.lr=0"], "optimizer.lr: must be > 0"),
+        (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay: must be >= 0"),
+        (["optimizer.betas=[0.9,1.5]"], "optimizer.betas: must be in [0, 1)"),
+        (["optimizer=sgd", "optimizer.momentum=1.0"], "optimizer.momentum: must be in [0, 1)"),
+        (["optimizer._target_=os.system"], "optimizer._target_: 'os.system' is not an optimizer class"),
+        (["optimizer._target_=torch.optim.lr_scheduler.StepLR"], "is not an optimizer class"),
+        (["data.test_fraction=1.5"], "data.test_fraction: must be in (0, 1)"),
+        (["data.val_fraction=0"], "data.val_fraction: must be in (0, 1)"),
+        (["data.split_seed=-1"], "data.split_seed: must be in [0, 2**32)"),
+        (["seed=-3"], "seed: must be in [0, 2**32)"),
+        (["data.num_classes=1"], "data.num_classes: must be >= 2"),
+        (["data.image_size=2"], "data.image_size: must be in [8, 4096]"),
+        (
+            ["data.name=cifar10"],
+            "data.name: is 'cifar10' but this option loads 'synthetic'. Fix: choose data=cifar10",
+        ),
+        (["trainer.on_nan=ignore"], "trainer.on_nan: unknown policy"),
+        (["trainer.monitor=auc"], "trainer.monitor: unknown metric"),
+        (["trainer.device=tpu"], "trainer.device: unknown device"),
+        (["mlflow.max_outage_s=0"], "mlflow.max_outage_s: must be > 0"),
+        (["resume=false", "resume_run=abc"], "resume_run: is set but resume=false"),
+        (["+trainer.epoch=3"], "trainer.epoch: is not a known key. Fix: did you mean trainer.epochs?"),
+        (["backbone.name=no_such_net"], "backbone.name: timm has no model 'no_such_net'"),
+        (["backbone=torchvision", "backbone.name=nonet"], "torchvision has no classification model"),
+        (["backbone.source=hub"], "backbone.source: unknown source"),
+        (
+            ["data=imagefolder", "data.root=/x", "data.on_bad_image=ignore"],
+            "data.on_bad_image: unknown policy",
+        ),
+        # SqueezeNet classifies with a 1x1 convolution: no Linear head for any mode to replace.
+        (
+            ["backbone=torchvision", "backbone.name=squeezenet1_0", "backbone.weights=null"],
+            "backbone.name: cannot find the classifier of SqueezeNet",
+        ),
+    ],
+)
+def test_bad_setting_is_one_line_exit_2_and_no_run(
+    run_cli, store, tmp_path: Path, capsys, args, needle
+) -> None:
+    assert run_cli(*TINY, *store, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1] and "Fix: " in err[-1], err[-1]
+    assert _no_runs(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["trainer.epochs=three"], "trainer.epochs"),
+        (["trainer.amp=maybe"], "trainer.amp"),
+        (["data.limit=[1,2]"], "data.limit"),
+        (["data=no_such_dataset"], "data/no_such_dataset"),
+        (["mode=half"], "mode/half"),
+    ],
+)
+def test_wrong_types_and_unknown_names_fail_in_composition(
+    run_cli, store, tmp_path: Path, capsys, args, key
+) -> None:
+    """Hydra's schema check (before our code runs): exit 1, the key named, nothing logged."""
+    assert run_cli(*TINY, *store, *args) == 1
+    assert key in capsys.readouterr().err
+    assert _no_runs(tmp_path)

@@ -1,0 +1,244 @@
+"""Kill and resume: real signals sent to a real training process, then the same command again.
+
+The resumed run must be the same MLflow run and end with the same bits as a run never stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from transferlab.engine import FitState
+
+from .conftest import runs_in
+
+# Enough steps per epoch that a signal lands mid-epoch; small enough for a few seconds per epoch.
+ARGS = [
+    "data=synthetic",
+    "data.images_per_class=20",
+    "data.image_size=32",
+    "backbone=timm",
+    "backbone.name=test_efficientnet",
+    "backbone.weights=null",
+    "backbone.image_size=32",
+    "mode=full_finetune",
+    "trainer.epochs=5",
+    "trainer.batch_size=4",
+    "trainer.progress=false",
+    "seed=3",
+]
+TIMING = ("wall_time_s", "epoch_time_s", "images_per_s", "feature_extract_s")
+
+
+def _store(root: Path) -> list[str]:
+    return [
+        f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
+        f"mlflow.artifact_location={root}/artifacts",
+        f"paths.cache_dir={root}/cache",
+        f"paths.log_dir={root}/logs",
+        f"hydra.run.dir={root}/logs/run",
+    ]
+
+
+def _launch(root: Path, *extra: str) -> subprocess.Popen:
+    log = open(root / f"train-{time.monotonic_ns()}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [sys.executable, "-m", "transferlab.train", *ARGS, *_store(root), *extra],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str, limit: float = 300) -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert proc.poll() is None, f"training ended (rc {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {limit} s"
+        time.sleep(0.05)
+
+
+def _checkpoint(root: Path) -> Path | None:
+    found = list((root / "cache" / "checkpoints").glob("*/checkpoint.pt"))
+    return found[0] if found else None
+
+
+def _final_metrics(root: Path) -> tuple[dict[str, float], dict[str, list[float]], str, str]:
+    runs = runs_in(root)
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    client = MlflowClient()
+    final = {
+        c.removeprefix("metrics."): run[c]
+        for c in runs.columns
+        if c.startswith("metrics.") and c.removeprefix("metrics.") not in TIMING
+    }
+    history = {}
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        points = {m.step: m.value for m in client.get_metric_history(run["run_id"], key)}
+        history[key] = [points[s] for s in sorted(points)]
+    return final, history, run["status"], run["run_id"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    assert _launch(root).wait(timeout=600) == 0
+    return _final_metrics(root)
+
+
+def test_sigterm_in_process_then_resume_gives_the_same_bits(tmp_path: Path, run_cli, capsys) -> None:
+    """The fast variant: a real SIGTERM to this process (the run's main thread handles it)."""
+    base, stopped = tmp_path / "base", tmp_path / "stopped"
+    args = [a for a in ARGS if not a.startswith("trainer.epochs")] + ["trainer.epochs=3"]
+    assert run_cli(*args, *_store(base)) == 0
+    want = _final_metrics(base)
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while _checkpoint(stopped) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    assert run_cli(*args, *_store(stopped)) == 128 + signal.SIGTERM
+    watcher.join()
+    err = capsys.readouterr().err
+    assert re.search(r"stopped: SIGTERM stopped after epoch \d+ step \d+ \(checkpoint .*checkpoint.pt", err)
+    assert runs_in(stopped).iloc[0]["status"] == "KILLED"
+    assert run_cli(*args, *_store(stopped)) == 0
+    got = _final_metrics(stopped)
+    assert got[2] == "FINISHED" and got[3] == runs_in(stopped).iloc[0]["run_id"]
+    assert got[:2] == want[:2]
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigkill_then_resume_gives_the_same_bits(tmp_path: Path, uninterrupted) -> None:
+    # 1. SIGTERM once the first epoch's checkpoint exists: finish the step, save, KILLED, exit 143.
+    proc = _launch(tmp_path)
+    _wait_for(lambda: _checkpoint(tmp_path) is not None, proc, "first checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+    out = Path(proc.stdout.name if proc.stdout else "").read_text() if proc.stdout else ""
+    runs = runs_in(tmp_path)
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "KILLED"
+    assert "interrupted: stopped after epoch" in runs.iloc[0]["tags.error"]
+    saved = torch.load(_checkpoint(tmp_path), weights_only=True)
+    assert saved["run_id"] == runs.iloc[0]["run_id"] and saved["fit"]["epoch"] >= 1
+    del out
+
+    # 2. The same command resumes the same run; SIGKILL it (no handler runs) after its next epoch.
+    ckpt = _checkpoint(tmp_path)
+    before = ckpt.stat().st_mtime_ns
+    proc = _launch(tmp_path)
+    _wait_for(lambda: ckpt.exists() and ckpt.stat().st_mtime_ns != before, proc, "a resumed epoch")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert runs_in(tmp_path).iloc[0]["status"] == "RUNNING"  # a hard kill cannot say goodbye
+
+    # 3. Again: it continues from the last epoch's checkpoint and finishes the same run.
+    assert _launch(tmp_path).wait(timeout=600) == 0
+    final, history, status, run_id = _final_metrics(tmp_path)
+    assert status == "FINISHED" and run_id == saved["run_id"]
+    assert runs_in(tmp_path).iloc[0]["tags.resumes"] == "2"
+    want_final, want_history, _, _ = uninterrupted
+    assert history == want_history  # every epoch logged, with the same values
+    assert final == want_final  # bit for bit, test metrics included
+    assert _checkpoint(tmp_path) is None  # finished: the next launch starts a new run
+
+
+@pytest.mark.slow
+def test_sigint_is_a_graceful_stop_too(tmp_path: Path, uninterrupted) -> None:
+    proc = _launch(tmp_path)
+    _wait_for(lambda: _checkpoint(tmp_path) is not None, proc, "first checkpoint")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 128 + signal.SIGINT
+    assert runs_in(tmp_path).iloc[0]["status"] == "KILLED"
+    assert _launch(tmp_path).wait(timeout=600) == 0
+    final, history, status, _ = _final_metrics(tmp_path)
+    assert status == "FINISHED" and (final, history) == uninterrupted[:2]
+
+
+def test_resume_false_starts_a_new_run_and_resume_run_must_match(tmp_path: Path, run_cli, capsys) -> None:
+    """In-process: a checkpoint left by a stop, then resume=false and a wrong resume_run."""
+    store = _store(tmp_path)
+    short = [*ARGS, "trainer.epochs=1", *store]
+    os.environ.pop("TL_NEVER_SET", None)
+    assert run_cli(*short) == 0
+    assert _checkpoint(tmp_path) is None  # finished runs leave no checkpoint
+    assert run_cli(*short, "resume_run=0123abcd") == 2
+    assert "resume_run: no checkpoint of run 0123abcd" in capsys.readouterr().err
+    assert len(runs_in(tmp_path)) == 1
+
+
+def test_checkpoint_state_roundtrips_with_weights_only(tmp_path: Path) -> None:
+    """Every field of the loop state and the RNG states survive torch.load(weights_only=True)."""
+    from transferlab.checkpoint import atomic_save
+
+    state = FitState(epoch=2, step=3, order=torch.arange(5), totals={"loss": 1.5, "seen": 4}, best_value=0.5)
+    atomic_save({"fit": dict(vars(state)), "py": __import__("random").getstate()}, tmp_path / "c.pt")
+    back = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert FitState(**back["fit"]).order.tolist() == [0, 1, 2, 3, 4]
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed, not left behind
+
+
+def test_nan_loss_fails_the_run_with_the_step_or_is_skipped(run_cli, store, tmp_path: Path, capsys) -> None:
+    """An absurd learning rate blows the head up: FAILED naming the step, or skipped and counted."""
+    from .conftest import TINY
+
+    nan = [*TINY, *store, "optimizer=sgd", "optimizer.lr=1e38", "trainer.epochs=2"]
+    assert run_cli(*nan) == 1
+    assert re.search(
+        r"NonFiniteLossError: training loss is (nan|inf) at epoch \d+ step \d+", capsys.readouterr().err
+    )
+    run = runs_in(tmp_path).iloc[0]
+    assert run["status"] == "FAILED" and re.match(
+        r"NonFiniteLossError: .* at epoch \d+ step \d+", run["tags.error"]
+    )
+    assert run_cli(*nan, "trainer.on_nan=skip", "mlflow.experiment_name=skip") == 0
+    skipped = runs_in(tmp_path, "skip").iloc[0]
+    assert skipped["status"] == "FINISHED" and skipped["metrics.skipped_nonfinite_batches"] > 0
+
+
+def test_submitit_preemption_saves_first_then_hands_over(tmp_path: Path, run_cli) -> None:
+    """Under submitit, USR2 means preempted: our step/checkpoint/KILLED first, then submitit's handler.
+
+    The handler here stands in for submitit's ``checkpoint_and_try_requeue`` (which requeues through
+    hydra-submitit-launcher's ``checkpoint()`` and exits); a real Slurm preemption is not tested.
+    """
+    seen: dict[str, object] = {}
+
+    def submitit_handler(signum: int, frame: object) -> None:
+        seen["checkpoint"] = _checkpoint(tmp_path) is not None
+        seen["status"] = runs_in(tmp_path).iloc[0]["status"]
+        raise SystemExit(0)  # submitit's _exit() after requeueing
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+
+        def preempt() -> None:
+            deadline = time.monotonic() + 300
+            while _checkpoint(tmp_path) is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+        threading.Thread(target=preempt, daemon=True).start()
+        run_cli(
+            *[a for a in ARGS if not a.startswith("trainer.epochs")], "trainer.epochs=3", *_store(tmp_path)
+        )
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == {"checkpoint": True, "status": "KILLED"}
+    saved = torch.load(_checkpoint(tmp_path), weights_only=True)
+    assert saved["run_id"] == runs_in(tmp_path).iloc[0]["run_id"]

@@ -1,6 +1,6 @@
 """The ablation report: read a sweep back from MLflow, aggregate over seeds, test fine-tune vs frozen.
 
-python -m transferlab.report --experiment elpv_fe_vs_ft     # every sweep job in the experiment
+python -m transferlab.report --experiment elpv_fe_vs_ft     # every run of the experiment (all its sweeps)
 python -m transferlab.report --parent-run RUN_ID            # one sweep (its MLflow parent run)
 
 Groups the runs by the swept axes (``sweep.axes`` of the parent runs; ``seed`` is the replicate),
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         "a paired fine-tune vs feature-extraction test, and plots.",
     )
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--experiment", help="every sweep job of this MLflow experiment")
+    which.add_argument("--experiment", help="every run of this MLflow experiment (parents and reports aside)")
     which.add_argument("--parent-run", help="one sweep: the id of its MLflow parent run")
     parser.add_argument(
         "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or <repo>/mlflow.db"

@@ -10,10 +10,12 @@
   (``efficientnet_lite0 · feature_extract · seed=1``), tags it ``mlflow.parentRunId`` and the config
   hash, and finds an earlier FINISHED run of the same config so the job can be skipped.
 - ``on_job_end`` (the job's process) records the job's outcome in the sweep dir. A job that raised
-  is reported to the sweeper as a :class:`FailedJob` instead of an exception: Hydra 1.3's
-  ``BasicSweeper`` reads ``JobReturn.return_value`` after each batch, which re-raises the first
-  failure and stops the whole sweep (and skips ``on_multirun_end``). The failure is not hidden:
-  its MLflow run is FAILED with the error text, the summary lists it, and the exit code is 1.
+  is reported to the sweeper as a :class:`FailedJob` value instead of an exception. Hydra 1.3 runs
+  every job of a batch (``run_job`` catches into ``JobReturn(status=FAILED)``), but ``BasicSweeper``
+  then reads ``JobReturn.return_value``, which re-raises the first failure: later batches
+  (``hydra.sweeper.max_batch_size``) never run, ``on_multirun_end`` is never called and only that one
+  failure is shown. The failure is not hidden: its MLflow run is FAILED with the error text, the
+  log and the summary list it, and the exit code is 1.
 - ``on_multirun_end`` prints the summary (finished / failed / skipped), logs it to the parent run,
   ends the parent FINISHED (FAILED if a job failed) and exits 1 if any job failed.
 """

@@ -26,7 +26,7 @@ from transferlab.backbones import build_backbone
 from transferlab.bench import article_feature_extraction, plain_finetune_images_per_s
 from transferlab.config import BackboneConfig, TrainerConfig
 from transferlab.data import PreparedData, Splits
-from transferlab.engine import Runner
+from transferlab.engine import FitState, Runner
 from transferlab.modes import MODES, trainable_parameters
 from transferlab.train import make_model
 
@@ -75,8 +75,9 @@ def finetune_images_per_s(name: str, args: argparse.Namespace, fast: bool) -> fl
     )
     runner = Runner(model, data, mode, trainer, seed=0, augment_inputs=False)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-4)
-    runner.train_epoch(optimizer, 0)
-    return runner.train_epoch(optimizer, 1)["images_per_s"]
+    never = lambda: False  # noqa: E731 - no stop signal in a benchmark
+    runner.train_epoch(optimizer, FitState(epoch=0), never)
+    return runner.train_epoch(optimizer, FitState(epoch=1), never)["images_per_s"]
 
 
 def plain_images_per_s(name: str, args: argparse.Namespace) -> float:

@@ -125,9 +125,10 @@ def test_mode_keys_belong_to_their_modes(compose_cfg) -> None:
         compose_cfg("mode=full_finetune", "mode.trainable_stages=2")  # a partial-only key
     with pytest.raises(ConfigCompositionException):
         compose_cfg("mode=partial", "mode.probe_epochs=2")  # an lp_ft-only key
-    cfg = to_typed(compose_cfg("mode=lp_ft", "mode.layer_decay=0.7", "mode.batchnorm=frozen"))
+    cfg = to_typed(compose_cfg("mode=lp_ft", "mode.layer_decay=0.7"))
     assert (cfg.mode.probe_epochs, cfg.mode.probe_lr, cfg.optimizer.lr) == (5, 1e-3, 1e-4)
     assert (cfg.mode.layer_decay, cfg.mode.batchnorm) == (0.7, "frozen")
+    assert to_typed(compose_cfg("mode=full_finetune")).mode.batchnorm == "train"  # the baseline unchanged
 
 
 def test_imagefolder_requires_root(compose_cfg) -> None:

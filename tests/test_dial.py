@@ -141,10 +141,12 @@ def test_trainable_parameter_counts_per_mode(backbone: str) -> None:
         mode = enter_stage(model, stage)
         assert count_parameters(model, lambda p: p.requires_grad) == count, (name, options)
         assert mode.trains_backbone is (name != "feature_extract")
-    probe, finetune = schedule(_mode("lp_ft"), 1, 1e-4)
+    probe, finetune = schedule(_mode("lp_ft"), 1, 1e-4)  # BatchNorm frozen by default in lp_ft
     enter_stage(model, probe)
     assert count_parameters(model, lambda p: p.requires_grad) == head
     enter_stage(model, finetune)
+    assert count_parameters(model, lambda p: p.requires_grad) == total - bn
+    enter_stage(model, schedule(_mode("lp_ft", batchnorm="train"), 1, 1e-4)[1])
     assert count_parameters(model, lambda p: p.requires_grad) == total
     if backbone == "test_vit":
         assert bn == 0  # no BatchNorm: the policy has nothing to freeze
@@ -346,7 +348,8 @@ def test_lp_ft_probe_head_equals_a_feature_extraction_run(run_cli, store, tmp_pa
     assert (
         lp["params.stage.probe.trainable"] == "head only" and lp["params.stage.finetune.trainable"] == "all"
     )
-    assert lp["metrics.trainable_params"] == lp["metrics.total_params"]
+    bn_frozen = int(lp["params.stage.finetune.eval_modules"])  # lp_ft freezes BatchNorm by default
+    assert bn_frozen > 0 and lp["metrics.trainable_params"] < lp["metrics.total_params"]
     assert lp["metrics.best_epoch"] == 3  # the tested model comes from the fine-tune stage
     assert "stage" not in client.get_run(fe["run_id"]).data.metrics  # single-stage runs: no stage metric
 

@@ -150,6 +150,8 @@ class LpFtModeConfig(FinetuneModeConfig):
 
     probe_epochs: int = 5
     probe_lr: float = 1.0e-3
+    # BatchNorm in train mode would change the features the probe head was fit on (see lp_ft.yaml).
+    batchnorm: str = "frozen"
 
     def __post_init__(self) -> None:
         super().__post_init__()

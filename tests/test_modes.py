@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from transferlab.backbones import build_backbone
 from transferlab.config import AdamConfig, BackboneConfig, SyntheticDataConfig, TrainerConfig
 from transferlab.data import prepare
-from transferlab.engine import Runner
+from transferlab.engine import Runner, training_batches
 from transferlab.modes import MODES, count_parameters, set_train_mode, trainable_parameters
 from transferlab.train import make_model
 
@@ -125,3 +125,23 @@ def test_best_checkpoint_is_restored() -> None:
     runner.load_best(fit)
     for key, tensor in model.head.state_dict().items():
         assert torch.equal(tensor, fit.best_state[key])
+
+
+def test_a_last_batch_of_one_image_does_not_crash_batchnorm() -> None:
+    """17 training images in batches of 8 would leave one image, which BatchNorm cannot train on."""
+    torch.manual_seed(0)
+    built = build_backbone(
+        BackboneConfig(name="test_efficientnet", source="timm", weights=None, image_size=32)
+    )
+    data = prepare(SyntheticDataConfig(num_classes=2, images_per_class=16), built.preprocess, "")
+    data.splits.train = data.splits.train[:17]
+    assert len(data.splits.train) == 17
+    model = make_model(built.model, MODES["full_finetune"], data.num_classes)
+    optimizer = instantiate(AdamConfig(lr=1e-3))(trainable_parameters(model))
+    runner = Runner(
+        model, data, MODES["full_finetune"], TrainerConfig(batch_size=8, progress=False), 0, False
+    )
+    fit = runner.fit(optimizer, 1, lambda row, step: None)
+    assert fit.history[0]["train_accuracy"] * 17 == round(fit.history[0]["train_accuracy"] * 17)
+    assert [len(b) for b in training_batches(torch.arange(17), 8)] == [8, 9]
+    assert [len(b) for b in training_batches(torch.arange(16), 8)] == [8, 8]

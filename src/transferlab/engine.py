@@ -125,6 +125,18 @@ class FitResult:
     feature_cache_hit: bool | None = None  # None: the on-disk feature cache was not used
 
 
+def training_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``order`` in batches; a last batch of one image joins the one before it.
+
+    BatchNorm in train mode cannot normalise a single sample (PyTorch raises), so a split size
+    that leaves one image over would crash full fine-tuning in its last step.
+    """
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
 class Runner:
     """Runs batches of a :class:`TransferModel` over :class:`PreparedData` on one device."""
 
@@ -199,7 +211,7 @@ class Runner:
         loss_fn = nn.CrossEntropyLoss()
         totals = state.totals
         start = time.perf_counter()
-        batches = state.order.split(self.cfg.batch_size)
+        batches = training_batches(state.order, self.cfg.batch_size)
         # In a log file (no TTY) redraw rarely rather than once per batch.
         bar = tqdm(
             batches[state.step :],

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from transferlab.config import to_typed
-from transferlab.sweep import FailedJob, config_hash
+from transferlab.config import config_hash, to_typed
+from transferlab.sweep import FailedJob
 
 from .conftest import CONF_DIR, TINY, runs_in
 

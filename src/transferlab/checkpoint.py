@@ -15,8 +15,6 @@ Loading uses ``torch.load(weights_only=True)``: tensors and plain containers, ne
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import random
@@ -31,46 +29,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from transferlab.config import ConfigError, TrainConfig
+from transferlab.config import ConfigError, TrainConfig, config_hash
 from transferlab.engine import FitState, Runner, StopRequested
 
 log = logging.getLogger("transferlab.checkpoint")
 FORMAT = 1
 
+
 # Keys that change where things go or how they are shown, not what is computed: left out of the hash
 # so that a relaunch (new Hydra output dir, progress bar off) still finds its checkpoint.
-NON_SEMANTIC = (
-    "paths",
-    "resume",
-    "resume_run",
-    "trainer.progress",
-    "trainer.num_workers",
-    "trainer.checkpoint",
-)
-
-
-def semantic_config(raw: DictConfig) -> dict[str, Any]:
-    """The resolved config without :data:`NON_SEMANTIC` keys: what determines the numbers."""
-    tree = OmegaConf.to_container(raw, resolve=True)
-    assert isinstance(tree, dict)
-    tree.pop("hydra", None)
-    for dotted in NON_SEMANTIC:
-        *parents, leaf = dotted.split(".")
-        node = tree
-        for key in parents:
-            node = node.get(key, {})
-        node.pop(leaf, None)
-    return tree
-
-
-def config_hash(raw: DictConfig) -> str:
-    """sha256 of the semantic config as canonical JSON (sorted keys), 16 hex digits."""
-    text = json.dumps(semantic_config(raw), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 # -- RNG states as tensors and plain values (loadable with weights_only=True) ---------------------
 def rng_state(runner: Runner) -> dict[str, Any]:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -127,7 +96,7 @@ class Checkpoint:
     @classmethod
     def for_config(cls, cfg: TrainConfig, raw: DictConfig) -> Checkpoint:
         """The checkpoint of this config; when ``resume`` and one exists, the run it belongs to."""
-        digest = config_hash(raw)
+        digest = config_hash(cfg)
         ckpt = cls(
             Path(cfg.paths.cache_dir) / "checkpoints" / digest / "checkpoint.pt",
             digest,

@@ -8,8 +8,11 @@ boundary, and a bad value stops the run before any compute with a :class:`Config
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -542,6 +545,39 @@ def _reject_unknown_keys(node: Any, typed: Any, prefix: str = "") -> None:
         child = node._get_node(key)
         if isinstance(child, DictConfig):
             _reject_unknown_keys(child, getattr(typed, key), f"{prefix}{key}.")
+
+
+# Where and how a run is recorded, resumed or shown, not what it computes: the config hash (sweep
+# resume, checkpoints) and `transferlab.reproduce` ignore these keys.
+NOT_SEMANTIC = (
+    "paths",
+    "mlflow",
+    "sweep",
+    "resume",
+    "resume_run",
+    "trainer.progress",
+    "trainer.num_workers",
+    "trainer.checkpoint",
+)
+
+
+def semantic_config(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a resolved config tree without :data:`NOT_SEMANTIC` keys (and Hydra's own node)."""
+    tree = copy.deepcopy(tree)
+    tree.pop("hydra", None)
+    for dotted in NOT_SEMANTIC:
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(leaf, None)
+    return tree
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """16 hex digits of sha256 over the semantic config as canonical JSON: a run's identity."""
+    text = json.dumps(semantic_config(dataclasses.asdict(cfg)), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def to_typed(cfg: Any) -> TrainConfig:

@@ -26,8 +26,7 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.checkpoint import semantic_config
-from transferlab.config import ConfigError, register_configs, to_typed
+from transferlab.config import ConfigError, register_configs, semantic_config, to_typed
 from transferlab.tracking import flatten
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -77,8 +76,8 @@ def rebuild(
     overrides += ["resume=false", *where]
     raw = _compose(choices, overrides)
     # Safe YAML (OmegaConf's loader is yaml.SafeLoader): plain values only, nothing constructed.
-    logged = flatten(semantic_config(OmegaConf.create(logged_config)))
-    now = flatten(semantic_config(raw))
+    logged = flatten(semantic_config(OmegaConf.to_container(OmegaConf.create(logged_config), resolve=True)))
+    now = flatten(semantic_config(OmegaConf.to_container(raw, resolve=True)))
     pins = [
         f"{key}={_value(value)}"
         for key, value in logged.items()

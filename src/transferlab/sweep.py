@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import hashlib
 import json
 import logging
 import sys
@@ -43,7 +42,7 @@ from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.config import ConfigError, MlflowConfig, TrainConfig
+from transferlab.config import ConfigError, MlflowConfig, TrainConfig, config_hash
 
 log = logging.getLogger("transferlab.sweep")
 
@@ -51,22 +50,8 @@ STATE_DIR = ".transferlab"  # under hydra.sweep.dir
 ROLE = "sweep.role"  # parent | job | report
 CONFIG_HASH = "config_hash"
 # Keys that say where and how a run is recorded or shown, not what it computes.
-NOT_SEMANTIC = ("paths", "mlflow", "sweep", "trainer.progress")
 # Display order of swept axes in child run names; the rest follow in sweep order, seed last.
 NAME_ORDER = ("backbone", "mode", "optimizer", "data")
-
-
-def config_hash(cfg: TrainConfig) -> str:
-    """A digest of what a run computes: the typed, resolved config minus paths, tracking and display."""
-    tree = dataclasses.asdict(cfg)
-    for key in NOT_SEMANTIC:
-        *parents, leaf = key.split(".")
-        node = tree
-        for parent in parents:
-            node = node[parent]
-        node.pop(leaf, None)
-    text = json.dumps(tree, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass

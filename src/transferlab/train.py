@@ -33,7 +33,7 @@ from transferlab.backbones import (
 )
 from transferlab.cache import FeatureCache, prepare_cached
 from transferlab.checkpoint import Checkpoint, resume_hint, set_deterministic, stop_signals
-from transferlab.config import ConfigError, TrainConfig, register_configs, to_typed
+from transferlab.config import ConfigError, TrainConfig, config_hash, register_configs, to_typed
 from transferlab.data import check_data, class_counts
 from transferlab.engine import FitResult, Runner, StopRequested
 from transferlab.modes import (
@@ -104,7 +104,7 @@ def train(
         "backbone": cfg.backbone.name,
         "dataset": cfg.data.name,
         "seed": str(cfg.seed),
-        sweep.CONFIG_HASH: sweep.config_hash(cfg),
+        sweep.CONFIG_HASH: config_hash(cfg),
     }
     run_name = cfg.mlflow.run_name
     if job is not None:

@@ -45,6 +45,7 @@ from transferlab.config import (
     TorchvisionDataConfig,
 )
 from transferlab.data import PreparedData, Splits, prepare
+from transferlab.validate import BadImage
 
 if TYPE_CHECKING:
     from transferlab.engine import Runner
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("transferlab.cache")
 
 # Bump when the layout or the meaning of an entry changes: older entries are then rebuilt.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: input entries record the images data.on_bad_image=skip left out
 
 Tensors = dict[str, torch.Tensor]
 Meta = dict[str, Any]
@@ -316,6 +317,8 @@ def _pack(data: PreparedData) -> tuple[Tensors, Meta]:
         "classes": data.classes,
         "fingerprint": data.fingerprint,
         "source": data.source,
+        # data.on_bad_image=skip: a hit must still report (and log) what was left out.
+        "skipped": [{"path": b.path, "problem": b.problem} for b in data.skipped],
     }
     return tensors, meta
 
@@ -369,6 +372,7 @@ def prepare_cached(
         pre,
         meta["fingerprint"],
         meta["source"],
+        [BadImage(**b) for b in meta.get("skipped", [])],
     )
     log.info(
         "input cache %s: %s (%.1f s)", "hit" if lookup.hit else "miss, stored", lookup.path, lookup.seconds

@@ -70,7 +70,11 @@ def rebuild(
     logged_overrides: dict[str, Any], logged_config: str, where: list[str]
 ) -> tuple[DictConfig, list[str]]:
     """The run's config, composed and validated; returns it and the overrides that made it."""
-    choices = {k: str(v) for k, v in logged_overrides.get("choices", {}).items() if not k.startswith("hydra")}
+    choices = {
+        k: str(v)
+        for k, v in logged_overrides.get("choices", {}).items()
+        if not k.startswith("hydra") and v not in (None, "None")  # an empty optional group
+    }
     overrides = [o for o in logged_overrides.get("overrides", []) if not o.lstrip("+~").startswith(DROPPED)]
     overrides = [o for o in overrides if not any(o.lstrip("+~").startswith(f"{g}=") for g in choices)]
     overrides += ["resume=false", *where]

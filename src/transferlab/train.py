@@ -209,7 +209,10 @@ def train(
 
 def hydra_context() -> tuple[dict[str, str], list[str], bool]:
     hc = HydraConfig.get()
-    choices = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
+    # Optional groups left empty (experiment, hparams_search) are no choice: None is not an option.
+    choices = {
+        k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra/") and v is not None
+    }
     return choices, list(hc.overrides.task), hc.mode == RunMode.MULTIRUN
 
 

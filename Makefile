@@ -39,7 +39,7 @@ format: $(STAMP) ## ruff format and autofix
 ui: $(STAMP) ## serve the MLflow UI for the local store on 127.0.0.1:$(UI_PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
 
-bench: $(STAMP) ## transferlab vs the seed article's loop, side by side (ELPV, ~10 min on 2 CPU cores; BENCH_ARGS=--full)
+bench: $(STAMP) ## transferlab vs the seed article's loop, side by side (ELPV data.limit=160; BENCH_ARGS=--full)
 	$(BIN)/python -m transferlab.bench $(BENCH_ARGS)
 
 gpu-check: $(STAMP) ## on a GPU machine: fast-path throughput, appended to experiments/benchmarks/README.md

@@ -38,6 +38,7 @@ from transferlab.backbones import build_backbone
 from transferlab.cache import prepare_cached
 from transferlab.config import BackboneConfig, ElpvDataConfig
 from transferlab.data import PreparedData, normalize
+from transferlab.engine import select_device
 
 BACKBONE = BackboneConfig(name="efficientnet_lite0", source="bundled", weights="imagenet")
 
@@ -139,7 +140,7 @@ def _child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     data = _data(args)
     model = build_backbone(_backbone_cfg(args)).model
-    device = torch.device("cpu")
+    device = select_device("auto")  # the device transferlab.train picks with trainer.device=auto
     if args.role == "article":
         result = {"test_accuracy": article_feature_extraction(data, model, args.epochs, device)}
     else:
@@ -335,7 +336,7 @@ def bench(args: argparse.Namespace) -> str:
     extract = fe.get("feature_extract_s", float("nan"))
     notes = (
         f"ELPV binary, data.limit={limit} ({sizes['train']} train / {sizes['val']} val / {sizes['test']} test), "
-        f"EfficientNet-Lite0 (bundled ImageNet weights) at {data.preprocess.crop} px, batch 32, CPU. "
+        f"EfficientNet-Lite0 (bundled ImageNet weights) at {data.preprocess.crop} px, batch 32, {select_device('auto').type}. "
         f"(a) transferlab spent {extract:.0f} s extracting features; the article's loop ran the backbone over "
         f"{args.epochs} x {sizes['train']} training images. (c) data.limit={args.ft_limit} "
         f"({ft_data.splits.sizes()['train']} training images), images/s of the second of two epochs. Bench took {total / 60:.1f} min."

@@ -35,7 +35,8 @@ def _runner(compose_cfg, *overrides: str) -> Runner:
     return Runner(model, data, mode, cfg.trainer, cfg.seed, cfg.data.augment)
 
 
-@pytest.mark.parametrize("mode", ["feature_extract", "full_finetune"])
+# Fine-tuning backpropagates through both layouts (oneDNN builds kernels per layout): minutes on 2 cores.
+@pytest.mark.parametrize("mode", ["feature_extract", pytest.param("full_finetune", marks=pytest.mark.slow)])
 def test_channels_last_predicts_as_the_plain_layout(compose_cfg, mode: str) -> None:
     plain = _runner(compose_cfg, f"mode={mode}", "trainer.channels_last=false")
     fast = _runner(compose_cfg, f"mode={mode}", "trainer.channels_last=true")
@@ -57,6 +58,7 @@ def test_channels_last_predicts_as_the_plain_layout(compose_cfg, mode: str) -> N
     assert (pa == pb).mean() >= 0.9 and abs(la - lb) <= 0.02 * abs(la)
 
 
+@pytest.mark.slow  # 2 backbones x 3 loops x 2 epochs: 1-6 minutes on 2 shared cores
 def test_gpu_check_smoke_runs_on_cpu(tmp_path: Path) -> None:
     """The GPU check's code paths on CPU, tiny: it appends a table naming both backbones."""
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "experiments/benchmarks/gpu_check.py")

@@ -34,7 +34,14 @@ def test_a_rerun_gives_the_same_metrics_side_by_side(run_cli, store, tmp_path: P
 def _forged_run(tmp_path: Path, overrides: list[str], config_extra: str = "") -> str:
     """A run whose logged files name code to call: reproduce must refuse before importing it."""
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    with mlflow.start_run() as run:
+    # Its own experiment: the Default one keeps artifacts in ./mlruns of the working directory.
+    found = mlflow.get_experiment_by_name("forged")
+    experiment = (
+        found.experiment_id
+        if found
+        else mlflow.create_experiment("forged", artifact_location=(tmp_path / "artifacts").as_uri())
+    )
+    with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.log_dict({"overrides": overrides, "choices": {"data": "synthetic"}}, "overrides.json")
         mlflow.log_text("seed: 0\n" + config_extra, "config.yaml")
     return run.info.run_id

@@ -247,7 +247,7 @@ class Runner:
                 totals["loss"] += value * len(idx)
                 totals["correct"] += (logits.argmax(1) == labels).sum().item()
                 totals["seen"] += len(idx)
-                bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.4f}")
+                bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.4f}", refresh=False)
             state.step += 1
             state.global_step += 1
             if should_stop():  # a signal arrived: the step is done, the caller saves and exits

@@ -25,7 +25,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +44,7 @@ from transferlab.config import (
     TorchvisionDataConfig,
 )
 from transferlab.data import PreparedData, Splits, prepare
+from transferlab.tracking import package_versions
 from transferlab.validate import BadImage
 
 if TYPE_CHECKING:
@@ -182,16 +182,6 @@ def sha256_tensors(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _versions(*packages: str) -> dict[str, str]:
-    out = {}
-    for name in packages:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "none"
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Frozen-backbone features
 
@@ -256,7 +246,7 @@ def feature_key(backbone: nn.Module, built: BuiltBackbone, runner: Runner) -> Me
             "dtype": str(runner.precision.dtype) if runner.precision.enabled else "torch.float32",
             "channels_last": cfg.channels_last,
             "batch_size": cfg.batch_size,
-            **_versions("torch", "torchvision", "timm"),
+            **package_versions(("torch", "torchvision", "timm")),
         },
     }
 
@@ -281,12 +271,12 @@ def source_identity(cfg: DataConfig, data_dir: str) -> Meta | None:
         import elpv_dataset
 
         root = Path(elpv_dataset.__file__).parent / "data"
-        package = _versions("elpv-dataset")
+        package = package_versions(("elpv-dataset",))
     elif isinstance(cfg, ImageFolderDataConfig):
         root, package = Path(str(cfg.root)).expanduser().resolve(), {}
     elif isinstance(cfg, TorchvisionDataConfig):
         root = Path(cfg.root or Path(data_dir) / cfg.name).expanduser().resolve()
-        package = _versions("torchvision")
+        package = package_versions(("torchvision",))
         if not root.is_dir():  # not downloaded yet: the next run caches it
             return None
     else:  # generated in memory (synthetic): as fast to make as to load
@@ -305,7 +295,7 @@ def input_key(cfg: DataConfig, pre: Preprocess, identity: Meta) -> Meta:
         "source": identity,
         "data": selection,
         "preprocess": asdict(pre),
-        **_versions("torch", "torchvision", "pillow", "numpy", "scikit-learn"),
+        **package_versions(("torch", "torchvision", "pillow", "numpy", "scikit-learn")),
     }
 
 

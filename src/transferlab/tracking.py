@@ -10,7 +10,7 @@ import sys
 import tempfile
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -105,9 +105,10 @@ def git_state(root: str) -> dict[str, str]:
     return {"commit": commit or "unknown", "dirty": str(dirty).lower()}
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str]:
+    """Installed versions of ``names`` (and Python's): for the reproducibility record and cache keys."""
     versions = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

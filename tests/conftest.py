@@ -38,18 +38,23 @@ def _clean_global_state() -> Iterator[None]:
         mlflow.end_run()
 
 
+def store_overrides(root: Path) -> list[str]:
+    """Overrides that point MLflow, logs, caches and Hydra's job dirs under ``root``."""
+    return [
+        f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
+        f"mlflow.artifact_location={root}/artifacts",
+        f"paths.log_dir={root}/logs",
+        f"paths.cache_dir={root}/cache",
+        f"paths.data_dir={root}/data",
+        f"hydra.run.dir={root}/logs/run",
+        f"hydra.sweep.dir={root}/logs/multirun",
+    ]
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> list[str]:
     """Overrides that point MLflow, logs and caches at a temporary folder."""
-    return [
-        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-        f"mlflow.artifact_location={tmp_path}/artifacts",
-        f"paths.log_dir={tmp_path}/logs",
-        f"paths.cache_dir={tmp_path}/cache",
-        f"paths.data_dir={tmp_path}/data",
-        f"hydra.run.dir={tmp_path}/logs/run",
-        f"hydra.sweep.dir={tmp_path}/logs/multirun",
-    ]
+    return store_overrides(tmp_path)
 
 
 @pytest.fixture

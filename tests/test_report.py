@@ -16,21 +16,10 @@ from scipy.stats import ttest_rel
 
 from transferlab import report
 
-from .conftest import TINY
+from .conftest import TINY, store_overrides
 
 EXPERIMENT = "elpv_fe_vs_ft"
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def _store(root: Path) -> list[str]:
-    return [
-        f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
-        f"mlflow.artifact_location={root}/artifacts",
-        f"paths.log_dir={root}/logs",
-        f"paths.cache_dir={root}/cache",
-        f"paths.data_dir={root}/data",
-        f"hydra.sweep.dir={root}/logs/multirun",
-    ]
 
 
 def _launch(*args: str) -> int:
@@ -58,7 +47,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]
         "-m",
         f"experiment={EXPERIMENT}",
         *TINY,
-        *_store(root),
+        *store_overrides(root),
         "trainer.epochs=2",
         "seed=0,1",
         "data.limit=4,48",

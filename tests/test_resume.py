@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from transferlab.engine import FitState
 
-from .conftest import runs_in
+from .conftest import runs_in, store_overrides
 
 # Enough steps per epoch that a signal lands mid-epoch; small enough for a few seconds per epoch.
 ARGS = [
@@ -40,20 +40,10 @@ ARGS = [
 TIMING = ("wall_time_s", "epoch_time_s", "images_per_s", "feature_extract_s")
 
 
-def _store(root: Path) -> list[str]:
-    return [
-        f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
-        f"mlflow.artifact_location={root}/artifacts",
-        f"paths.cache_dir={root}/cache",
-        f"paths.log_dir={root}/logs",
-        f"hydra.run.dir={root}/logs/run",
-    ]
-
-
 def _launch(root: Path, *extra: str) -> subprocess.Popen:
     log = open(root / f"train-{time.monotonic_ns()}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
-        [sys.executable, "-m", "transferlab.train", *ARGS, *_store(root), *extra],
+        [sys.executable, "-m", "transferlab.train", *ARGS, *store_overrides(root), *extra],
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
@@ -101,7 +91,7 @@ def test_sigterm_in_process_then_resume_gives_the_same_bits(tmp_path: Path, run_
     """The fast variant: a real SIGTERM to this process (the run's main thread handles it)."""
     base, stopped = tmp_path / "base", tmp_path / "stopped"
     args = [a for a in ARGS if not a.startswith("trainer.epochs")] + ["trainer.epochs=3"]
-    assert run_cli(*args, *_store(base)) == 0
+    assert run_cli(*args, *store_overrides(base)) == 0
     want = _final_metrics(base)
 
     def kill_after_first_checkpoint() -> None:
@@ -112,12 +102,12 @@ def test_sigterm_in_process_then_resume_gives_the_same_bits(tmp_path: Path, run_
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()
-    assert run_cli(*args, *_store(stopped)) == 128 + signal.SIGTERM
+    assert run_cli(*args, *store_overrides(stopped)) == 128 + signal.SIGTERM
     watcher.join()
     err = capsys.readouterr().err
     assert re.search(r"stopped: SIGTERM stopped after epoch \d+ step \d+ \(checkpoint .*checkpoint.pt", err)
     assert runs_in(stopped).iloc[0]["status"] == "KILLED"
-    assert run_cli(*args, *_store(stopped)) == 0
+    assert run_cli(*args, *store_overrides(stopped)) == 0
     got = _final_metrics(stopped)
     assert got[2] == "FINISHED" and got[3] == runs_in(stopped).iloc[0]["run_id"]
     assert got[:2] == want[:2]
@@ -172,7 +162,7 @@ def test_sigint_is_a_graceful_stop_too(tmp_path: Path, uninterrupted) -> None:
 
 def test_resume_false_starts_a_new_run_and_resume_run_must_match(tmp_path: Path, run_cli, capsys) -> None:
     """In-process: a checkpoint left by a stop, then resume=false and a wrong resume_run."""
-    store = _store(tmp_path)
+    store = store_overrides(tmp_path)
     short = [*ARGS, "trainer.epochs=1", *store]
     os.environ.pop("TL_NEVER_SET", None)
     assert run_cli(*short) == 0
@@ -235,7 +225,9 @@ def test_submitit_preemption_saves_first_then_hands_over(tmp_path: Path, run_cli
 
         threading.Thread(target=preempt, daemon=True).start()
         run_cli(
-            *[a for a in ARGS if not a.startswith("trainer.epochs")], "trainer.epochs=3", *_store(tmp_path)
+            *[a for a in ARGS if not a.startswith("trainer.epochs")],
+            "trainer.epochs=3",
+            *store_overrides(tmp_path),
         )
     finally:
         signal.signal(signal.SIGUSR2, previous)

@@ -387,18 +387,15 @@ def prepare(cfg: DataConfig, pre: Preprocess, data_dir: str) -> PreparedData:
     splits = make_splits(raw, cfg)
     used = np.sort(np.concatenate([splits.train, splits.val, splits.test]))
     digest = hashlib.sha256()
-    arrays = []
+    processed = []  # preprocessed as they are decoded: full-size images are never all held at once
     for i in used:
         array = raw.read(int(i))
         digest.update(np.ascontiguousarray(array).tobytes())
-        arrays.append(array)
+        processed.append(preprocess_image(array, pre))
     digest.update(raw.labels[used].tobytes())
-    channels = 1 if all(a.ndim == 2 for a in arrays) else 3
-    out = torch.empty((len(used), channels, pre.crop, pre.crop), dtype=torch.uint8)
-    for row, array in enumerate(arrays):
-        if channels == 3 and array.ndim == 2:  # mixed folder: grey images become RGB
-            array = np.repeat(array[..., None], 3, axis=-1)
-        out[row] = preprocess_image(array, pre)
+    # A mixed folder: grey images become RGB (resize and crop act per channel, so the order is free).
+    channels = max(t.shape[0] for t in processed)
+    out = torch.stack([t.expand(channels, -1, -1) for t in processed])
     # Re-index the splits into the compact tensor of used images.
     position = np.full(len(raw.labels), -1, dtype=np.int64)
     position[used] = np.arange(len(used))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import platform
 import subprocess
@@ -243,9 +244,7 @@ def log_reproducibility(cfg: Any, built: Any, data: Any, counts: dict[str, int])
         "seed": cfg.seed,
         "command": command_line(),
         "weights": {"source": built.weight_source, "sha256": built.weight_sha256},
-        "preprocess": vars(built.preprocess)
-        if hasattr(built.preprocess, "__dict__")
-        else str(built.preprocess),
+        "preprocess": dataclasses.asdict(built.preprocess),
         "dataset": {
             "name": data.name,
             "source": data.source,

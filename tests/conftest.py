@@ -79,7 +79,7 @@ def run_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
         GlobalHydra.instance().clear()
         monkeypatch.setattr(sys, "argv", ["transferlab.train", *args])
         try:
-            train.main()
+            train.cli()
         except SystemExit as exc:
             return int(exc.code or 0)
         finally:

@@ -14,10 +14,13 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
 
+from transferlab.checkpoint import Checkpoint
+from transferlab.config import to_typed
 from transferlab.engine import FitState
 
 from .conftest import runs_in, store_overrides
@@ -160,6 +163,22 @@ def test_sigint_is_a_graceful_stop_too(tmp_path: Path, uninterrupted) -> None:
     assert status == "FINISHED" and (final, history) == uninterrupted[:2]
 
 
+def test_the_same_config_twice_at_once_fails_the_second_before_its_run(
+    tmp_path: Path, run_cli, compose_cfg, capsys
+) -> None:
+    """Two processes on one config would overwrite one checkpoint: the second stops, saying why."""
+    args = [*ARGS, "trainer.epochs=1", *store_overrides(tmp_path)]
+    ckpt = Checkpoint.for_config(to_typed(compose_cfg(*args)), None)
+    with ckpt.held():  # the first run, still training (a lock held on another open file, as by a process)
+        assert run_cli(*args) == 2
+        err = capsys.readouterr().err
+        assert f"error: paths.cache_dir: this exact config (hash {ckpt.config_hash}) is being trained" in err
+        assert f"by pid {os.getpid()}" in err and "Fix: wait for that run to end" in err
+        assert not (tmp_path / "mlflow.db").exists() or runs_in(tmp_path).empty
+    assert run_cli(*args) == 0  # the lock is gone with its holder
+    assert not ckpt.path.parent.exists()  # finished: checkpoint, lock and folder removed
+
+
 def test_resume_false_starts_a_new_run_and_resume_run_must_match(tmp_path: Path, run_cli, capsys) -> None:
     """In-process: a checkpoint left by a stop, then resume=false and a wrong resume_run."""
     store = store_overrides(tmp_path)
@@ -199,6 +218,68 @@ def test_nan_loss_fails_the_run_with_the_step_or_is_skipped(run_cli, store, tmp_
     assert run_cli(*nan, "trainer.on_nan=skip", "mlflow.experiment_name=skip") == 0
     skipped = runs_in(tmp_path, "skip").iloc[0]
     assert skipped["status"] == "FINISHED" and skipped["metrics.skipped_nonfinite_batches"] > 0
+
+
+def _submitit_task(root: Path) -> int | None:
+    """The pid of submitit's task process (``python -m submitit.core._submit FOLDER``) under ``root``."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or it ended meanwhile
+            continue
+        args = [a.decode(errors="replace") for a in cmdline]
+        if "submitit.core._submit" in args and any(a.startswith(str(root)) for a in args):
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the task process in /proc")
+def test_a_preempted_submitit_job_requeues_and_resumes_the_same_run(
+    tmp_path: Path, run_cli, uninterrupted
+) -> None:
+    """Real submitit (hydra/launcher=submitit_local): USR2 to the job's process, as Slurm preempts.
+
+    Our handler finishes the step, checkpoints and marks the run KILLED; submitit's handler then
+    checkpoints the launcher and exits with its requeue code; submitit's controller starts the job
+    again, which resumes the same MLflow run from the checkpoint and ends bit-identical to a run never
+    stopped. (timeout_min=60: submitit counts a signal in the last 20 % as a timeout, not preemption.)
+    """
+
+    def preempt() -> None:
+        deadline = time.monotonic() + 300
+        while (
+            _checkpoint(tmp_path) is None or _submitit_task(tmp_path) is None
+        ) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = _submitit_task(tmp_path)
+        if pid is not None:
+            os.kill(pid, signal.SIGUSR2)
+
+    sender = threading.Thread(target=preempt, daemon=True)
+    sender.start()
+    launcher = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=60"]
+    assert run_cli("-m", *ARGS, *store_overrides(tmp_path), *launcher) == 0
+    sender.join(timeout=5)
+    logs = "".join(p.read_text() for p in tmp_path.glob("logs/multirun/.submitit/*/*_log.*"))
+    assert "preempted: checkpoint saved; handing over to submitit" in logs
+    assert "Requeued job" in logs
+    runs = runs_in(tmp_path)
+    job = runs[runs["tags.sweep.role"] == "job"]
+    assert len(job) == 1 and job.iloc[0]["status"] == "FINISHED" and job.iloc[0]["tags.resumes"] == "1"
+    client = MlflowClient()
+    run_id = job.iloc[0]["run_id"]
+    history = {
+        key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        for key in ("train_loss", "val_loss", "val_accuracy")
+    }
+    final = {
+        c.removeprefix("metrics."): job.iloc[0][c]
+        for c in job.columns
+        if c.startswith("metrics.") and c.removeprefix("metrics.") not in TIMING and pd.notna(job.iloc[0][c])
+    }
+    want_final, want_history, _, _ = uninterrupted
+    assert history == want_history and final == want_final
 
 
 def test_submitit_preemption_saves_first_then_hands_over(tmp_path: Path, run_cli) -> None:

@@ -62,21 +62,29 @@ def test_a_single_run_has_no_parent(run_cli, store, tmp_path: Path) -> None:
 
 def test_failures_are_recorded_the_sweep_goes_on_and_exits_1(run_cli, store, tmp_path: Path, capsys) -> None:
     """A bad value (fails before its run) and a run that raises: both FAILED children, others run."""
-    # optimizer.lr=-1: a ConfigError before any run starts; data.limit=4: raises inside the run.
-    args = ("-m", *FAST, *store, "optimizer.lr=-1,0.001", "data.limit=4,48")
+    # backbone.name=no_such_net: a ConfigError before its run starts (the model registry is asked
+    # at the job, not by the preflight, which only composes); data.limit=4: raises inside the run.
+    args = ("-m", *FAST, *store, "backbone.name=no_such_net,test_efficientnet", "data.limit=4,48")
     assert run_cli(*args) == 1
     parent, children = _assert_one_parent_with(tmp_path, 4)
     assert parent["status"] == "FAILED"
     assert (parent["tags.sweep.finished"], parent["tags.sweep.failed"]) == ("1", "3")
     by_name = children.set_index("tags.mlflow.runName")
-    assert by_name.loc["optimizer.lr=0.001 · data.limit=48", "status"] == "FINISHED"
-    assert "optimizer.lr: must be > 0" in by_name.loc["optimizer.lr=-1 · data.limit=48", "tags.error"]
-    assert "cannot split synthetic" in by_name.loc["optimizer.lr=0.001 · data.limit=4", "tags.error"]
+    assert by_name.loc["backbone.name=test_efficientnet · data.limit=48", "status"] == "FINISHED"
+    no_net = by_name.loc["backbone.name=no_such_net · data.limit=48", "tags.error"]
+    assert "backbone.name: timm has no model 'no_such_net'" in no_net
+    assert (
+        "cannot split synthetic"
+        in by_name.loc["backbone.name=test_efficientnet · data.limit=4", "tags.error"]
+    )
     for run_id in children[children["status"] == "FAILED"]["run_id"]:
         assert "error.txt" in {a.path for a in MlflowClient().list_artifacts(run_id)}
     out = capsys.readouterr().out
     assert "4 jobs: 1 finished, 3 failed, 0 skipped" in out
-    assert "FAILED  #1 optimizer.lr=-1 data.limit=48: ConfigError: optimizer.lr: must be > 0" in out
+    assert (
+        "FAILED  #1 backbone.name=no_such_net data.limit=48: ConfigError: backbone.name: timm has no model"
+        in out
+    )
 
 
 def test_relaunch_skips_finished_jobs_and_widening_runs_only_new_ones(
@@ -158,7 +166,8 @@ def test_launcher_configs_compose(compose_cfg) -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm_gpu"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
-    assert (cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.timeout_min) == (1, 240)
+    launcher = cfg.hydra.launcher
+    assert (launcher.gpus_per_node, launcher.timeout_min, launcher.max_num_timeout) == (1, 240, 3)
 
 
 def test_optuna_search_runs_two_trials_as_children(run_cli, store, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one run per config is then the user's to ensure
+    fcntl = None  # type: ignore[assignment]
 
 from transferlab.config import ConfigError, TrainConfig, config_hash
 from transferlab.engine import FitState, Runner, StopRequested
@@ -127,6 +133,39 @@ class Checkpoint:
         fit = blob["fit"]
         return {"run_id": blob["run_id"], "epoch": fit["epoch"], "step": fit["step"]}
 
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """One process per config at a time: two would overwrite one checkpoint file in turns.
+
+        An exclusive ``flock`` on ``lock`` beside the checkpoint, taken before the MLflow run starts
+        and released by the operating system if the process dies, so a crash never leaves it stuck.
+        """
+        if not self.enabled or fcntl is None:  # no checkpoint to share (or no flock: Windows)
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name("lock"), "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                owner = f.read().strip() or "another process"
+                raise ConfigError(
+                    "paths.cache_dir",
+                    f"this exact config (hash {self.config_hash}) is being trained right now by {owner} "
+                    f"(lock {f.name}); a second run would overwrite its checkpoint",
+                    "wait for that run to end (the same command then resumes or starts anew), "
+                    "or change any setting, e.g. another seed",
+                ) from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     # -- saving and restoring ---------------------------------------------------------------------
     def bind(
         self, run_id: str, runner: Runner, optimizer: torch.optim.Optimizer, scheduler: Any = None
@@ -165,6 +204,7 @@ class Checkpoint:
     def remove(self) -> None:
         """After a finished run: the next launch of this config is a new run, not a resume."""
         self.path.unlink(missing_ok=True)
+        self.path.with_name("lock").unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # something else lives there: keep it
             self.path.parent.rmdir()
 

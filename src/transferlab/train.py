@@ -46,6 +46,7 @@ from transferlab.modes import (
     schedule,
 )
 from transferlab.optim import describe, param_groups
+from transferlab.preflight import check_overrides
 from transferlab.resilient import EpochLog, retry
 
 log = logging.getLogger("transferlab.train")
@@ -114,6 +115,7 @@ def train(
     ckpt = Checkpoint.for_config(cfg, raw)
     resumed_epoch = ckpt.resumed_from["epoch"] if ckpt.resumed_from else None
     with (
+        ckpt.held(),  # before the run starts: the same config twice at once fails here, clearly
         stop_signals(ckpt) as stop,
         tracking.mlflow_run(experiment_id, run_name, tags, run_id=ckpt.run_id) as run,
     ):
@@ -237,5 +239,11 @@ def main(raw: DictConfig) -> float:
     return float(metrics[f"best_val_{cfg.trainer.monitor}"])
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m transferlab.train``: bad overrides are one line and exit 2 before Hydra starts."""
+    check_overrides(sys.argv[1:], CONF_DIR, "train")
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,194 @@
+"""Command-line overrides checked before Hydra starts: a bad one is one line and exit 2.
+
+Hydra reports a wrong type (``trainer.epochs=three``), a misspelt key or an unknown group option
+(``backbone=resnet999``) in a multi-line block that ends in "Set the environment variable
+HYDRA_FULL_ERROR=1" and names no fix; in a multirun, a bad value in one sweep axis only surfaces
+when its job starts, after the MLflow parent run and earlier jobs. Here every override, and every
+value of every swept axis (the command line's and the experiment's ``hydra.sweeper.params``), is
+composed with Hydra's Compose API and converted to the typed schema (the same range checks a run
+does) once, before any launcher, MLflow run or model exists. Whatever this check does not
+understand (``hydra.*`` overrides, Optuna intervals, ``glob``) is left to Hydra, unchanged.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from transferlab.config import ConfigError, to_typed
+
+# Flags after which Hydra composes nothing or from another config tree: leave those to Hydra.
+_SKIP_FLAGS = ("help", "hydra_help", "shell_completion", "config_path", "config_dir", "experimental_rerun")
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _options(group: str, conf_dir: Path) -> list[str]:
+    """A group's selectable options (the ``*_schema`` entries are the typed bases, not choices)."""
+    folder = conf_dir / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in cfg:
+        full = f"{prefix}{key}"
+        keys.append(full)
+        node = cfg._get_node(key)  # noqa: SLF001 - the node, without resolving interpolations
+        if isinstance(node, DictConfig):
+            keys += _all_keys(node, f"{full}.")
+    return keys
+
+
+def _is_user(override: Override) -> bool:
+    """Project overrides; ``hydra.*`` / ``hydra/...`` belong to Hydra and its plugins."""
+    key = override.key_or_group
+    return not (key == "hydra" or key.startswith(("hydra.", "hydra/")))
+
+
+def _values(override: Override) -> list[str] | None:
+    """Every value a swept override takes, or None where they are not enumerable (interval, glob)."""
+    try:
+        return list(override.sweep_string_iterator())
+    except Exception:  # noqa: BLE001 - interval()/glob(): the sweeper expands them, not us
+        return None
+
+
+def _combinations(fixed: list[str], swept: dict[str, list[str]]) -> Iterator[list[str]]:
+    """The first value of every axis, then each other value once: every value composes at least once."""
+    first = {key: values[0] for key, values in swept.items()}
+    yield fixed + [f"{k}={v}" for k, v in first.items()]
+    for key, values in swept.items():
+        for value in values[1:]:
+            yield fixed + [f"{k}={value if k == key else v}" for k, v in first.items()]
+
+
+class Preflight:
+    def __init__(self, conf_dir: Path, config_name: str) -> None:
+        self.conf_dir, self.config_name = conf_dir, config_name
+
+    def compose(self, overrides: Sequence[str], hydra_node: bool = False) -> DictConfig:
+        return compose(self.config_name, overrides=list(overrides), return_hydra_config=hydra_node)
+
+    def check(self, overrides: list[str]) -> None:
+        cfg = self.compose(overrides)
+        if OmegaConf.is_interpolation(cfg.paths, "output_dir"):  # ${hydra:runtime...}: set at launch
+            cfg.paths.output_dir = str(self.conf_dir.parent / "outputs")
+        to_typed(cfg)
+
+    def explain(self, exc: Exception, override: str) -> str:
+        """One line: the key, what is wrong, and the fix."""
+        if isinstance(exc, ConfigError):
+            return str(exc)
+        if isinstance(exc, OverrideParseException):
+            reason = str(exc).splitlines()[0]
+            return (
+                f"{override}: cannot be parsed ({reason}). Fix: write key=value; quote values with "
+                f"commas or brackets, e.g. key='a,b' (https://hydra.cc/docs/advanced/override_grammar/basic)"
+            )
+        if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+            group, _, name = exc.missing_cfg_file.rpartition("/")
+            options = [o for o in _options(group, self.conf_dir) if not o.endswith("schema")]
+            close = difflib.get_close_matches(name, options, n=1)
+            hint = f"did you mean {group}={close[0]}? " if close else ""
+            return f"{group}={name}: no such option. Fix: {hint}use one of {options}"
+        cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
+        key = getattr(cause, "full_key", None) or override.split("=", 1)[0].lstrip("+~")
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+            return self._unknown_key(key)
+        problem = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        return f"{key}: {problem}. Fix: {self._typed_fix(key)}"
+
+    def _unknown_key(self, key: str) -> str:
+        group, _, leaf = key.partition(".")
+        # A key of another option of the same group (mode.probe_epochs under mode=feature_extract).
+        owners = [
+            o
+            for o in _options(group, self.conf_dir)
+            if leaf
+            and not o.endswith("schema")
+            and OmegaConf.select(self._try(f"{group}={o}"), key) is not None
+        ]
+        if owners:
+            return f"{key}: not a key of the chosen {group}. Fix: it belongs to {group}={' / '.join(owners)}; select one"
+        known = _all_keys(self.compose([]))
+        close = difflib.get_close_matches(key, known, n=1)
+        fix = f"did you mean {close[0]}?" if close else "remove it; `--cfg job` prints every key"
+        return f"{key}: is not a known key. Fix: {fix}"
+
+    def _typed_fix(self, key: str) -> str:
+        default = OmegaConf.select(self.compose([]), key, throw_on_missing=False)
+        if default is None:
+            return "see `python -m transferlab.train --cfg job` for the key's type"
+        kind = _KINDS.get(type(default), type(default).__name__)
+        shown = str(default).lower() if isinstance(default, bool) else default
+        return f"pass {kind}, e.g. {key}={shown} (the default)"
+
+    def _try(self, override: str) -> DictConfig:
+        try:
+            return self.compose([override])
+        except Exception:  # noqa: BLE001 - an option that does not compose alone owns no key
+            return OmegaConf.create()
+
+    def run(self, overrides: list[str], multirun: bool) -> None:
+        parsed = OverridesParser.create().parse_overrides(overrides)  # syntax errors raise here
+        user = [o for o in parsed if _is_user(o)]
+        if multirun:  # the experiment's sweep axes, which the command line overrides key by key
+            hydra_cfg = self.compose([o.input_line for o in user if not o.is_sweep_override()], True)
+            params = OmegaConf.select(hydra_cfg, "hydra.sweeper.params") or {}
+            given = {o.get_key_element() for o in user}
+            extra = [f"{k}={v}" for k, v in params.items() if k not in given and isinstance(v, str)]
+            user += OverridesParser.create().parse_overrides(extra)
+        fixed, swept = [], {}
+        for o in user:
+            if not o.is_sweep_override():
+                fixed.append(o.input_line)
+            elif (values := _values(o)) is not None:
+                swept[o.get_key_element()] = values
+        for combo in _combinations(fixed, swept):
+            self.check(combo)
+
+
+def check_overrides(argv: list[str], conf_dir: Path, config_name: str) -> None:
+    """Exit 2 with one line if a command-line override cannot compose; otherwise return silently."""
+    from hydra._internal.utils import get_args_parser  # Hydra's own flags (-m, -cn, --cfg ...)
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if any(getattr(args, flag, None) for flag in _SKIP_FLAGS):
+        return
+    overrides: list[str] = args.overrides or []
+    checker = Preflight(conf_dir, args.config_name or config_name)
+    with initialize_config_dir(str(conf_dir), version_base="1.3", job_name="preflight"):
+        try:
+            checker.run(overrides, bool(args.multirun))
+        except Exception as exc:  # noqa: BLE001 - explained below, or left to Hydra's own report
+            culprit = _culprit(exc, overrides)
+            line = checker.explain(exc, culprit) if _explainable(exc) else None
+            if line is None:
+                return  # not a config problem we understand: Hydra reports it as it would
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _explainable(exc: Exception) -> bool:
+    return isinstance(exc, (ConfigError, OverrideParseException, MissingConfigException)) or isinstance(
+        exc.__cause__ or exc, OmegaConfBaseException
+    )
+
+
+def _culprit(exc: Exception, overrides: list[str]) -> str:
+    """The command-line override an error is about (for messages that do not name their key)."""
+    if isinstance(exc, OverrideParseException) and exc.override is not None:
+        return str(exc.override)
+    text = str(exc)
+    return next((o for o in overrides if o in text), next(itertools.chain(overrides, [""])))

@@ -154,3 +154,44 @@ def test_the_cli_stops_before_any_run_or_logs_the_skipped(run_cli, store, tmp_pa
         "notes.txt",
         "empty.jpg",
     }
+
+
+def test_an_unchanged_folder_is_checked_from_disk_and_a_changed_file_rescanned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep's jobs (new processes) decode nothing to check an unchanged folder; edits are seen."""
+    from transferlab import data as data_module
+    from transferlab import validate
+
+    root = _folder(tmp_path)
+    cfg = ImageFolderDataConfig(root=str(root), on_bad_image="skip")
+    first = load_raw(cfg, "", str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache" / "scans").glob("*.json"))) == 1
+
+    decoded: list[str] = []
+    real_check = validate.check_image
+    monkeypatch.setattr(validate, "check_image", lambda p: decoded.append(p.name) or real_check(p))
+    data_module._SCANS.clear()  # as in a new process: only the disk remains
+    again = load_raw(cfg, "", str(tmp_path / "cache"))
+    assert decoded == []
+    assert (again.sources, list(again.labels), again.skipped) == (
+        first.sources,
+        list(first.labels),
+        first.skipped,
+    )
+
+    # A good file truncated in place: size and mtime change, so the folder is scanned again.
+    victim = root / "dogs" / "ok0.png"
+    victim.write_bytes(victim.read_bytes()[:40])
+    data_module._SCANS.clear()
+    changed = load_raw(cfg, "", str(tmp_path / "cache"))
+    assert "ok0.png" in decoded
+    assert str(victim) in {b.path for b in changed.skipped} and str(victim) not in changed.sources
+
+    # A torn scan file is ignored (rescanned), never trusted.
+    for path in (tmp_path / "cache" / "scans").glob("*.json"):
+        path.write_text('[{"classes": ["cats"')
+    data_module._SCANS.clear()
+    decoded.clear()
+    assert load_raw(cfg, "", str(tmp_path / "cache")).sources == changed.sources
+    assert decoded  # scanned anew

@@ -349,7 +349,9 @@ def prepare_cached(
     if identity is None:
         return prepare(cfg, pre, data_dir), None
     lookup = TensorStore(cache_dir, "inputs").get_or_compute(
-        input_key(cfg, pre, identity), lambda: _pack(prepare(cfg, pre, data_dir)), _check_inputs(pre)
+        input_key(cfg, pre, identity),
+        lambda: _pack(prepare(cfg, pre, data_dir, cache_dir)),
+        _check_inputs(pre),
     )
     t, meta = lookup.tensors, lookup.meta
     splits = Splits(*(t[f"split_{s}"].numpy().astype(np.int64) for s in ("train", "val", "test")))

@@ -164,6 +164,8 @@ class Checkpoint:
             try:
                 yield
             finally:
+                if not self.path.exists():  # nothing to resume (failed early, or finished): no leftovers
+                    self.remove()
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     # -- saving and restoring ---------------------------------------------------------------------

@@ -9,13 +9,16 @@ exactly the same arithmetic for every mode. Splits are index arrays into that on
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 import torchvision
 from sklearn.model_selection import train_test_split
@@ -117,24 +120,68 @@ def _scan_class_folders(
 
 
 # (root, split parts, listing with sizes and mtimes) -> scan: the pre-flight check and prepare() share
-# it, so each file is decoded once to check it and once to use it.
+# it in memory, so each file is decoded once to check it and once to use it. With a cache folder the
+# scan is also kept on disk, so the jobs of a sweep (and every later run) over an unchanged folder
+# decode nothing to check it: a file that changes changes its size or mtime, hence the key.
 _SCANS: dict[tuple, tuple] = {}
+SCAN_FORMAT = 1  # bump when validate's verdicts change
 
 
-def _scan_cached(root: Path, parts: list[str]) -> tuple:
+def _scan_cached(root: Path, parts: list[str], cache_dir: str | None = None) -> tuple:
     listing = tuple(
         (str(p), st.st_size, st.st_mtime_ns)
         for p in sorted(root.rglob("*"))
         if p.is_file() and (st := p.stat())
     )
     key = (str(root.resolve()), tuple(parts), listing)
-    if key not in _SCANS:
-        _SCANS.clear()  # one folder at a time: the cache only spares the second decode pass
-        _SCANS[key] = tuple(_scan_class_folders(root / part, root) for part in parts)
-    return _SCANS[key]
+    if key in _SCANS:
+        return _SCANS[key]
+    stored = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(json.dumps([SCAN_FORMAT, PIL.__version__, key]).encode()).hexdigest()
+        stored = Path(cache_dir) / "scans" / f"{digest}.json"
+    scans = _read_scans(stored) if stored is not None and stored.exists() else None
+    if scans is None:
+        scans = tuple(_scan_class_folders(root / part, root) for part in parts)
+        if stored is not None:
+            _write_scans(stored, scans)
+    _SCANS.clear()  # one folder at a time in memory
+    _SCANS[key] = scans
+    return scans
 
 
-def _imagefolder(cfg: ImageFolderDataConfig) -> RawDataset:
+def _write_scans(path: Path, scans: tuple) -> None:
+    blob = [
+        {"classes": c, "items": [[str(p), i] for p, i in items], "bad": [[b.path, b.problem] for b in bad]}
+        for c, items, bad in scans
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(blob))
+        os.replace(tmp, path)  # atomic: parallel jobs write the same verdicts, one file wins whole
+    except OSError as exc:  # a full or read-only cache folder costs a re-scan next time, nothing more
+        tmp.unlink(missing_ok=True)
+        log.warning("could not store the image-folder scan in %s (%s)", path, exc)
+
+
+def _read_scans(path: Path) -> tuple | None:
+    try:
+        blob = json.loads(path.read_text())
+        return tuple(
+            (
+                list(part["classes"]),
+                [(Path(p), int(i)) for p, i in part["items"]],
+                [validate.BadImage(p, why) for p, why in part["bad"]],
+            )
+            for part in blob
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # torn or foreign: scan again
+        log.warning("ignoring unreadable image-folder scan %s (%s)", path, exc)
+        return None
+
+
+def _imagefolder(cfg: ImageFolderDataConfig, cache_dir: str | None = None) -> RawDataset:
     root = Path(str(cfg.root)).expanduser()
     if not root.is_dir():
         raise ConfigError(
@@ -148,7 +195,9 @@ def _imagefolder(cfg: ImageFolderDataConfig) -> RawDataset:
     items: list[tuple[Path, int]] = []
     bad: list[validate.BadImage] = []
     given: dict[str, np.ndarray] = {}
-    for part, (part_classes, part_items, part_bad) in zip(parts, _scan_cached(root, parts), strict=True):
+    for part, (part_classes, part_items, part_bad) in zip(
+        parts, _scan_cached(root, parts, cache_dir), strict=True
+    ):
         bad += part_bad
         if classes is not None and part_classes != classes:
             missing = sorted(set(classes) - set(part_classes))
@@ -293,11 +342,12 @@ def _synthetic(cfg: SyntheticDataConfig) -> RawDataset:
     )
 
 
-def load_raw(cfg: DataConfig, data_dir: str) -> RawDataset:
+def load_raw(cfg: DataConfig, data_dir: str, cache_dir: str | None = None) -> RawDataset:
+    """``cache_dir``: where an image folder's check is kept (None: checked anew in each process)."""
     if isinstance(cfg, ElpvDataConfig):
         return _elpv(cfg)
     if isinstance(cfg, ImageFolderDataConfig):
-        return _imagefolder(cfg)
+        return _imagefolder(cfg, cache_dir)
     if isinstance(cfg, TorchvisionDataConfig):
         return _torchvision(cfg, data_dir)
     if isinstance(cfg, SyntheticDataConfig):
@@ -309,10 +359,10 @@ def load_raw(cfg: DataConfig, data_dir: str) -> RawDataset:
     )
 
 
-def check_data(cfg: DataConfig) -> None:
-    """Cheap pre-flight checks that need no decoding (the folder exists and has >= 2 classes)."""
+def check_data(cfg: DataConfig, cache_dir: str | None = None) -> None:
+    """Pre-flight: an image folder exists, has >= 2 classes and every file decodes (or is skipped)."""
     if isinstance(cfg, ImageFolderDataConfig):
-        _imagefolder(cfg)
+        _imagefolder(cfg, cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,9 +423,9 @@ def preprocess_image(array: np.ndarray, pre: Preprocess) -> torch.Tensor:
     return TF.center_crop(tensor, [pre.crop, pre.crop])
 
 
-def prepare(cfg: DataConfig, pre: Preprocess, data_dir: str) -> PreparedData:
+def prepare(cfg: DataConfig, pre: Preprocess, data_dir: str, cache_dir: str | None = None) -> PreparedData:
     """Decode the images a run uses once, fingerprint them, and preprocess them for ``pre``."""
-    raw = load_raw(cfg, data_dir)
+    raw = load_raw(cfg, data_dir, cache_dir)
     if raw.skipped:
         first = raw.skipped[0]
         log.warning(

@@ -71,7 +71,7 @@ def make_model(network: nn.Module, mode: Mode, num_classes: int) -> TransferMode
 def preflight(cfg: TrainConfig) -> str:
     """Every check that needs no compute, so bad input fails in seconds and logs no run."""
     check_backbone_name(cfg.backbone)
-    check_data(cfg.data)
+    check_data(cfg.data, cfg.paths.cache_dir if cfg.data.cache else None)  # the check is kept there
     return tracking.setup_experiment(cfg.mlflow)
 
 

@@ -155,9 +155,9 @@ def _write_scans(path: Path, scans: tuple) -> None:
         {"classes": c, "items": [[str(p), i] for p, i in items], "bad": [[b.path, b.problem] for b in bad]}
         for c, items, bad in scans
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(blob))
         os.replace(tmp, path)  # atomic: parallel jobs write the same verdicts, one file wins whole
     except OSError as exc:  # a full or read-only cache folder costs a re-scan next time, nothing more

@@ -72,7 +72,7 @@ def _children(root: Path, parent: str) -> pd.DataFrame:
 def test_report_of_a_parent_run(swept, tmp_path: Path, capsys) -> None:
     root, parent = swept
     out = tmp_path / "report"
-    assert _report(root, "--parent-run", parent, "--out", str(out)) == 0
+    assert _report(root, "--parent-run", parent, "--out", str(out), "--reference", "A paper, 2019=50") == 0
     printed = capsys.readouterr().out
     assert f"# {EXPERIMENT}" in printed and "grouped by mode, data.limit" in printed
     assert "| feature_extract | 48 | 2 |" in printed and "| full_finetune | 48 | 2 |" in printed
@@ -89,7 +89,13 @@ def test_report_of_a_parent_run(swept, tmp_path: Path, capsys) -> None:
             assert row[f"{metric}_mean"] == pytest.approx(values.mean())
             assert row[f"{metric}_std"] == pytest.approx(values.std(ddof=1), nan_ok=True)
     paired = pd.read_csv(out / "paired.csv")
-    assert paired["n_pairs"].tolist() == [2]
+    assert paired["n_pairs"].tolist() == [2] and paired["mode"].tolist() == ["full_finetune"]
+
+    # A published number beside the best group here (by mean test accuracy).
+    best = stats.loc[stats["test_accuracy_mean"].idxmax()]
+    assert "## Published references (test accuracy)" in printed
+    assert f"| A paper, 2019 | 50.00 | {best['mode']} · data.limit=48 |" in printed
+    assert f"| {(best['test_accuracy_mean'] - 0.5) * 100:+.2f} |" in printed
 
     # The failed jobs are listed, not averaged in.
     text = (out / "report.md").read_text()
@@ -122,23 +128,27 @@ def test_paired_difference_matches_scipy_paired_by_seed() -> None:
     rows = []
     for backbone in ("b0", "b1"):
         for seed in (0, 1, 2):
-            for mode in ("feature_extract", "full_finetune"):
+            for mode in ("feature_extract", "full_finetune", "lp_ft"):
                 rows.append(
                     {"backbone": backbone, "mode": mode, "seed": seed}
                     | {m: rng.uniform(0.5, 0.9) for m in report.METRICS}
                 )
     df = pd.DataFrame(rows).sample(frac=1, random_state=1)  # pairing must not rely on order
-    diffs = report.paired(df, ["backbone", "mode"]).set_index("backbone")
+    df = df.drop(df[(df["mode"] == "lp_ft") & (df["seed"] == 2)].index)  # a seed lp_ft lacks
+    diffs = report.paired(df, ["backbone", "mode"]).set_index(["backbone", "mode"])
+    assert list(diffs.index.get_level_values("mode")) == ["lp_ft", "full_finetune"] * 2  # the dial's order
     for backbone in ("b0", "b1"):
         part = df[df["backbone"] == backbone].sort_values("seed")
-        ft = part[part["mode"] == "full_finetune"]["test_accuracy"].to_numpy()
-        fe = part[part["mode"] == "feature_extract"]["test_accuracy"].to_numpy()
-        expected = ttest_rel(ft, fe)
-        row = diffs.loc[backbone]
-        assert row["n_pairs"] == 3
-        assert row["test_accuracy_diff_mean"] == pytest.approx((ft - fe).mean())
-        assert row["test_accuracy_t"] == pytest.approx(expected.statistic)
-        assert row["test_accuracy_p"] == pytest.approx(expected.pvalue)
+        fe = part[part["mode"] == "feature_extract"].set_index("seed")["test_accuracy"]
+        for mode, n in (("full_finetune", 3), ("lp_ft", 2)):  # lp_ft's missing seed drops only its pair
+            treated = part[part["mode"] == mode].set_index("seed")["test_accuracy"]
+            base = fe.loc[treated.index].to_numpy()
+            expected = ttest_rel(treated.to_numpy(), base)
+            row = diffs.loc[(backbone, mode)]
+            assert row["n_pairs"] == n
+            assert row["test_accuracy_diff_mean"] == pytest.approx((treated.to_numpy() - base).mean())
+            assert row["test_accuracy_t"] == pytest.approx(expected.statistic)
+            assert row["test_accuracy_p"] == pytest.approx(expected.pvalue)
     assert report.paired(df[df["mode"] == "full_finetune"], ["backbone", "mode"]) is None
 
 
@@ -164,6 +174,17 @@ def test_bad_input_is_a_clear_message_and_exit_2(swept, tmp_path: Path, capsys) 
     assert report.main(["--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"]) == 2
     _one_error_line(capsys, "no MLflow store at")
     assert not (tmp_path / "none.db").exists()
+
+
+@pytest.mark.parametrize("bad", ["nope", "Paper=abc", "Paper=188", "=50"])
+def test_a_bad_reference_is_a_usage_error(bad: str, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        report.main(["--experiment", "x", "--reference", bad])
+    assert info.value.code == 2
+    assert (
+        "is not LABEL=PERCENT; e.g. --reference 'VGG-19, Deitsch et al. 2019=88.42'"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_sweep_whose_jobs_all_failed_exits_1(run_cli, store, tmp_path: Path, capsys) -> None:

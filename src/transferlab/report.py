@@ -26,6 +26,7 @@ import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ METRICS: dict[str, tuple[str, float, int]] = {
     "trainable_params": ("trainable params", 1.0, 0),
 }
 PAIRED = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1")
-BASE, TREATED = "feature_extract", "full_finetune"  # difference = TREATED - BASE
+BASE = "feature_extract"  # every other mode is reported as its difference to this one
+DIAL = ("partial", "lp_ft", "full_finetune")  # the order of the dial: least to most of the backbone trained
 
 
 class ReportError(Exception):
@@ -187,34 +189,44 @@ def summary(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
 
 
 def paired(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame | None:
-    """TREATED - BASE per combination of the other axes, paired by seed (``ttest_rel``)."""
+    """Each mode - BASE per combination of the other axes, paired by seed (``ttest_rel``).
+
+    One row per (other axes, mode) where that mode ran; ``n_pairs`` = 0 where BASE did not.
+    """
     from scipy.stats import ttest_rel
 
-    if "mode" not in groups or not {BASE, TREATED} <= set(df["mode"]):
+    if "mode" not in groups or BASE not in set(df["mode"]):
+        return None
+    present = set(df["mode"]) - {BASE}
+    treated_modes = [m for m in DIAL if m in present] + sorted(present - set(DIAL))
+    if not treated_modes:
         return None
     others = [g for g in groups if g != "mode"]
     rows = []
     for key, part in df.groupby(others, sort=True) if others else [((), df)]:
         key = key if isinstance(key, tuple) else (key,)
         wide = part.pivot_table(index="seed", columns="mode", values=list(PAIRED), aggfunc="first")
-        row: dict[str, Any] = dict(zip(others, key, strict=True))
-        pairs = wide.dropna()
-        row["n_pairs"] = len(pairs) if {BASE, TREATED} <= set(part["mode"]) else 0
-        for metric in PAIRED:
-            if row["n_pairs"] == 0:
-                row |= {f"{metric}_diff_mean": math.nan, f"{metric}_diff_std": math.nan}
-                row |= {f"{metric}_t": math.nan, f"{metric}_p": math.nan}
-                continue
-            treated, base = pairs[(metric, TREATED)].to_numpy(), pairs[(metric, BASE)].to_numpy()
-            diff = treated - base
-            row[f"{metric}_diff_mean"] = float(diff.mean())
-            row[f"{metric}_diff_std"] = float(diff.std(ddof=1)) if len(diff) > 1 else math.nan
-            with warnings.catch_warnings():  # n < 2 or identical differences: no test, NaN
-                warnings.simplefilter("ignore")
-                test = ttest_rel(treated, base) if len(diff) > 1 else None
-            row[f"{metric}_t"] = float(test.statistic) if test is not None else math.nan
-            row[f"{metric}_p"] = float(test.pvalue) if test is not None else math.nan
-        rows.append(row)
+        for treated in (m for m in treated_modes if m in set(part["mode"])):
+            row: dict[str, Any] = dict(zip(others, key, strict=True)) | {"mode": treated}
+            has_base = BASE in set(part["mode"])
+            # Only this pair's columns: a seed another mode lacks must not drop this pair.
+            pairs = wide[[(m, x) for m in PAIRED for x in (treated, BASE)]].dropna() if has_base else None
+            row["n_pairs"] = len(pairs) if pairs is not None else 0
+            for metric in PAIRED:
+                if row["n_pairs"] == 0:
+                    row |= {f"{metric}_diff_mean": math.nan, f"{metric}_diff_std": math.nan}
+                    row |= {f"{metric}_t": math.nan, f"{metric}_p": math.nan}
+                    continue
+                treated_v, base_v = pairs[(metric, treated)].to_numpy(), pairs[(metric, BASE)].to_numpy()
+                diff = treated_v - base_v
+                row[f"{metric}_diff_mean"] = float(diff.mean())
+                row[f"{metric}_diff_std"] = float(diff.std(ddof=1)) if len(diff) > 1 else math.nan
+                with warnings.catch_warnings():  # n < 2 or identical differences: no test, NaN
+                    warnings.simplefilter("ignore")
+                    test = ttest_rel(treated_v, base_v) if len(diff) > 1 else None
+                row[f"{metric}_t"] = float(test.statistic) if test is not None else math.nan
+                row[f"{metric}_p"] = float(test.pvalue) if test is not None else math.nan
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -244,7 +256,7 @@ def display_tables(stats: pd.DataFrame, diffs: pd.DataFrame | None, groups: list
     if diffs is None:
         return table, None
     others = [g for g in groups if g != "mode"]
-    diff_table = diffs[others + ["n_pairs"]].copy()
+    diff_table = diffs[others + ["mode", "n_pairs"]].rename(columns={"mode": f"mode − {BASE}"})
     for metric in PAIRED:
         header = METRICS[metric][0].split(" (")[0]
         diff_table[f"Δ {header} (pp)"] = [
@@ -284,8 +296,10 @@ def _label(row: pd.Series, axes: list[str]) -> str:
     return " · ".join(_shown(a, row[a]) for a in axes) or "all"
 
 
-def plot_bars(stats: pd.DataFrame, groups: list[str], metric: str, path: Path) -> None:
-    """Mean ± std per group: categories = the non-mode axes, one bar per mode."""
+def plot_bars(
+    stats: pd.DataFrame, groups: list[str], metric: str, path: Path, references: Sequence[Reference] = ()
+) -> None:
+    """Mean ± std per group: categories = the non-mode axes, one bar per mode; references as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,7 +310,7 @@ def plot_bars(stats: pd.DataFrame, groups: list[str], metric: str, path: Path) -
     modes = list(dict.fromkeys(stats["mode"])) if "mode" in groups else [None]
     cats = list(dict.fromkeys(_label(r, others) for _, r in stats.iterrows()))
     width = 0.8 / len(modes)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(cats) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(cats) + 2) + (2.5 if references else 0), 4))
     for i, mode in enumerate(modes):
         part = stats if mode is None else stats[stats["mode"] == mode]
         where = {_label(r, others): r for _, r in part.iterrows()}
@@ -304,11 +318,26 @@ def plot_bars(stats: pd.DataFrame, groups: list[str], metric: str, path: Path) -
         stds = [np.nan_to_num(where[c][f"{metric}_std"] * scale) if c in where else 0 for c in cats]
         xs = np.arange(len(cats)) + (i - (len(modes) - 1) / 2) * width
         ax.bar(xs, means, width, yerr=stds, capsize=4, label=mode or metric)
+    for ref, style in zip(references, ("--", ":", "-.", (0, (5, 1))), strict=False):
+        ax.axhline(
+            ref.value * scale,
+            color="0.3",
+            linestyle=style,
+            linewidth=1,
+            label=f"{ref.label}: {ref.value:.2%}",
+        )
     ax.set_xticks(np.arange(len(cats)), cats, rotation=15 if len(cats) > 3 else 0)
     ax.set_ylabel(header)
     ax.set_title(f"{header}: mean ± std over seeds")
-    if modes != [None]:
-        ax.legend()
+    if scale == 100.0:  # percentages: zoom to the bars (differences of a point are what matters)
+        lows = [
+            (r[f"{metric}_mean"] - np.nan_to_num(r[f"{metric}_std"])) * scale for _, r in stats.iterrows()
+        ]
+        floor = max(0.0, math.floor(min(lows + [r.value * scale for r in references]) / 5) * 5 - 5)
+        ax.set_ylim(bottom=floor)
+        ax.set_ylabel(f"{header}, axis from {floor:g}")
+    if modes != [None] or references:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -350,7 +379,7 @@ def plot_curves(client: MlflowClient, df: pd.DataFrame, groups: list[str], path:
     plt.close(fig)
 
 
-def build(client: MlflowClient, selection: Selection, out: Path) -> str:
+def build(client: MlflowClient, selection: Selection, out: Path, references: Sequence[Reference] = ()) -> str:
     """Write every table and plot into ``out``; return the Markdown report."""
     finished, failed = dedupe(selection.runs)
     groups = [a for a in selection.axes if a != "seed"]
@@ -387,20 +416,59 @@ def build(client: MlflowClient, selection: Selection, out: Path) -> str:
     ]
     if diffs is not None and diff_table is not None:
         diffs.to_csv(out / "paired.csv", index=False)
-        tex.append(latex(tex_diff, f"{TREATED} minus {BASE}, paired by seed (ttest_rel)."))
+        tex.append(latex(tex_diff, f"Each mode minus {BASE}, paired by seed (ttest_rel)."))
         parts += [
-            f"## {TREATED} − {BASE}, paired by seed",
+            f"## Each mode − {BASE}, paired by seed",
             "Mean ± std of the per-seed differences in percentage points; p: two-sided paired t-test "
             "(`scipy.stats.ttest_rel`), – where fewer than two pairs.",
             markdown(diff_table),
         ]
+    if references:
+        parts += ["## Published references (test accuracy)", markdown(compare(stats, groups, references))]
     text = "\n\n".join(parts) + failures + "\n"
     (out / "report.md").write_text(text)
     (out / "report.tex").write_text("\n\n".join(tex))
-    plot_bars(stats, groups, "test_accuracy", out / "test_accuracy.png")
+    plot_bars(stats, groups, "test_accuracy", out / "test_accuracy.png", references)
     plot_bars(stats, groups, "wall_time_s", out / "wall_time.png")
     plot_curves(client, df, groups, out / "val_curves.png")
     return text
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A published test accuracy to set the table beside, e.g. Deitsch et al. 2019's 88.42 %."""
+
+    label: str
+    value: float  # a fraction, like the logged metrics
+
+    @classmethod
+    def parse(cls, text: str) -> Reference:
+        label, _, value = text.rpartition("=")
+        try:
+            percent = float(value)
+        except ValueError:
+            percent = math.nan
+        if not label.strip() or not 0 <= percent <= 100:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not LABEL=PERCENT; e.g. --reference 'VGG-19, Deitsch et al. 2019=88.42'"
+            )
+        return cls(label.strip(), percent / 100)
+
+
+def compare(stats: pd.DataFrame, groups: list[str], references: Sequence[Reference]) -> pd.DataFrame:
+    """Each reference against the group with the best mean test accuracy here."""
+    best = stats.loc[stats["test_accuracy_mean"].idxmax()]
+    mean, std = best["test_accuracy_mean"], best["test_accuracy_std"]
+    return pd.DataFrame(
+        {
+            "reference": ref.label,
+            "test acc (%)": f"{ref.value * 100:.2f}",
+            "best group here": _label(best, groups),
+            "its test acc (%)": _cell(mean, std, "test_accuracy", "±") + f" (n={int(best['n'])})",
+            "difference (pp)": f"{(mean - ref.value) * 100:+.2f}",
+        }
+        for ref in references
+    )
 
 
 def publish(client: MlflowClient, selection: Selection, out: Path) -> str:
@@ -436,6 +504,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="default: logs/reports/<name>")
     parser.add_argument("--no-log", action="store_true", help="write files only, log nothing to MLflow")
+    parser.add_argument(
+        "--reference",
+        type=Reference.parse,
+        action="append",
+        default=[],
+        metavar="LABEL=PERCENT",
+        help="a published test accuracy to compare with (table row and a line in the plot); repeatable",
+    )
     args = parser.parse_args(argv)
 
     uri = args.tracking_uri or default_tracking_uri()
@@ -455,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                 "python -m transferlab.train -m experiment=elpv_fe_vs_ft"
             )
         out = args.out or Path(repo_root()) / "logs" / "reports" / _slug(selection.title)
-        text = build(client, selection, out)
+        text = build(client, selection, out, args.reference)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code

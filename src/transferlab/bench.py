@@ -1,7 +1,7 @@
 """`make bench`: transferlab against the seed article's loop and a plain PyTorch loop, side by side.
 
-python -m transferlab.bench                      # ELPV, data.limit=160: 20 min on 2 CPU cores shared 5 ways
-python -m transferlab.bench --full               # all 2,624 ELPV images
+python -m transferlab.bench                      # ELPV, data.limit=160: 7 min on 2 idle CPU cores (start-up dominates)
+python -m transferlab.bench --full               # all 2,624 ELPV images: 30 min there; the reference figures
 python -m transferlab.bench --record experiments/benchmarks/README.md   # also append the table there
 
 Every contender runs as its own fresh process on the same images (decoded once into a shared input

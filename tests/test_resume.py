@@ -67,14 +67,17 @@ def _checkpoint(root: Path) -> Path | None:
 
 
 def _final_metrics(root: Path) -> tuple[dict[str, float], dict[str, list[float]], str, str]:
+    """The one training run's non-timing metrics, per-epoch history, status and id (a sweep's parent aside)."""
     runs = runs_in(root)
+    if "tags.sweep.role" in runs.columns:
+        runs = runs[runs["tags.sweep.role"] == "job"]
     assert len(runs) == 1
     run = runs.iloc[0]
     client = MlflowClient()
     final = {
         c.removeprefix("metrics."): run[c]
         for c in runs.columns
-        if c.startswith("metrics.") and c.removeprefix("metrics.") not in TIMING
+        if c.startswith("metrics.") and c.removeprefix("metrics.") not in TIMING and pd.notna(run[c])
     }
     history = {}
     for key in ("train_loss", "val_loss", "val_accuracy"):
@@ -264,20 +267,9 @@ def test_a_preempted_submitit_job_requeues_and_resumes_the_same_run(
     logs = "".join(p.read_text() for p in tmp_path.glob("logs/multirun/.submitit/*/*_log.*"))
     assert "preempted: checkpoint saved; handing over to submitit" in logs
     assert "Requeued job" in logs
+    final, history, status, run_id = _final_metrics(tmp_path)
     runs = runs_in(tmp_path)
-    job = runs[runs["tags.sweep.role"] == "job"]
-    assert len(job) == 1 and job.iloc[0]["status"] == "FINISHED" and job.iloc[0]["tags.resumes"] == "1"
-    client = MlflowClient()
-    run_id = job.iloc[0]["run_id"]
-    history = {
-        key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-        for key in ("train_loss", "val_loss", "val_accuracy")
-    }
-    final = {
-        c.removeprefix("metrics."): job.iloc[0][c]
-        for c in job.columns
-        if c.startswith("metrics.") and c.removeprefix("metrics.") not in TIMING and pd.notna(job.iloc[0][c])
-    }
+    assert status == "FINISHED" and runs[runs["run_id"] == run_id].iloc[0]["tags.resumes"] == "1"
     want_final, want_history, _, _ = uninterrupted
     assert history == want_history and final == want_final
 

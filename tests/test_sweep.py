@@ -191,3 +191,41 @@ def test_every_experiment_runs_one_tiny_step(run_cli, store, tmp_path: Path, exp
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+
+
+def test_a_dataset_registered_by_a_parallel_job_meanwhile_is_linked_not_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two joblib jobs log the same dataset at once: MLflow's SQL store checks, then inserts, so the
+    slower one hits the unique constraint (seen in a CI run). It must link the other's row instead."""
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    from transferlab import tracking
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    real = mlflow.log_input
+    calls = []
+
+    def racing(dataset, context=None, tags=None) -> None:  # noqa: ANN001 - mlflow.log_input's signature
+        calls.append(context)
+        if len(calls) == 1:  # the other job's row lands between our check and our insert
+            with mlflow.start_run(nested=True):
+                real(dataset, context=context, tags=tags)
+            cause = sqlalchemy.exc.IntegrityError("INSERT INTO datasets", {}, Exception("UNIQUE constraint"))
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed") from cause
+        real(dataset, context=context, tags=tags)
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    with mlflow.start_run() as run:
+        tracking.log_dataset("synthetic", "synthetic://2x4", "ab" * 16, "train", {"train": 8})
+    assert calls == ["train", "train"]
+    inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("synthetic", "ab" * 16)]
+
+    def unrelated(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST")
+
+    monkeypatch.setattr(mlflow, "log_input", unrelated)
+    with mlflow.start_run(), pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
+        tracking.log_dataset("synthetic", "synthetic://2x4", "ab" * 16, "val", {"val": 2})

@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,6 +24,7 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 
 from transferlab import resilient
 from transferlab.config import ConfigError, MlflowConfig
@@ -171,7 +173,19 @@ def log_dataset(name: str, source: str, fingerprint: str, context: str, sizes: d
             resolve_dataset_source(source) if Path(source).exists() else CodeDatasetSource({"source": source})
         )
     dataset = MetaDataset(origin, name=name, digest=fingerprint[:32])
-    mlflow.log_input(dataset, context=context, tags={f"n_{k}": str(v) for k, v in sizes.items()})
+    tags = {f"n_{k}": str(v) for k, v in sizes.items()}
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context, tags=tags)
+            return
+        except MlflowException as exc:
+            # Parallel jobs (joblib, submitit) registering the same dataset at the same moment: MLflow's
+            # SQL store checks for it, then inserts, and the slower job hits the unique constraint.
+            # Again, it finds the row the other job wrote and only links it to this run.
+            if type(exc.__cause__).__name__ != "IntegrityError" or attempt == 2:
+                raise
+            _log.info("dataset %s was being registered by a parallel job; linking it again", name)
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_confusion(labels: np.ndarray, preds: np.ndarray, classes: list[str], prefix: str = "test") -> None:

@@ -83,6 +83,10 @@ def test_bad_setting_is_one_line_exit_2_and_no_run(
         (["backbone=resnet5"], "Fix: did you mean backbone=resnet50? use one of"),
         (["trainer.epokhs=3"], "trainer.epokhs: is not a known key. Fix: did you mean trainer.epochs?"),
         (
+            ["data.images_per_clas=3"],
+            "data.images_per_clas: is not a known key. Fix: did you mean data.images_per_class?",
+        ),
+        (
             ["mode.probe_epochs=3"],
             "mode.probe_epochs: not a key of the chosen mode. Fix: it belongs to mode=lp_ft",
         ),

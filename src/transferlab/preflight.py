@@ -111,18 +111,16 @@ class Preflight:
 
     def _unknown_key(self, key: str) -> str:
         group, _, leaf = key.partition(".")
+        options = [o for o in _options(group, self.conf_dir) if not o.endswith("schema")] if leaf else []
+        composed = {o: self._try(f"{group}={o}") for o in options}
         # A key of another option of the same group (mode.probe_epochs under mode=feature_extract).
-        owners = [
-            o
-            for o in _options(group, self.conf_dir)
-            if leaf
-            and not o.endswith("schema")
-            and OmegaConf.select(self._try(f"{group}={o}"), key) is not None
-        ]
+        owners = [o for o, cfg in composed.items() if OmegaConf.select(cfg, key) is not None]
         if owners:
             return f"{key}: not a key of the chosen {group}. Fix: it belongs to {group}={' / '.join(owners)}; select one"
-        known = _all_keys(self.compose([]))
-        close = difflib.get_close_matches(key, known, n=1)
+        known = set(_all_keys(self.compose([])))
+        for cfg in composed.values():  # data.rooot under data=imagefolder: suggest data.root too
+            known |= set(_all_keys(cfg))
+        close = difflib.get_close_matches(key, sorted(known), n=1)
         fix = f"did you mean {close[0]}?" if close else "remove it; `--cfg job` prints every key"
         return f"{key}: is not a known key. Fix: {fix}"
 

@@ -43,7 +43,7 @@ from transferlab.config import (
     ImageFolderDataConfig,
     TorchvisionDataConfig,
 )
-from transferlab.data import PreparedData, Splits, prepare
+from transferlab.data import PreparedData, Splits, listing_sha256, prepare
 from transferlab.tracking import package_versions
 from transferlab.validate import BadImage
 
@@ -255,16 +255,6 @@ def feature_key(backbone: nn.Module, built: BuiltBackbone, runner: Runner) -> Me
 # Decoded inputs
 
 
-def _listing_sha256(root: Path) -> tuple[str, int]:
-    """Names, sizes and modification times of every file under ``root``: found without decoding."""
-    digest, count = hashlib.sha256(), 0
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        count += 1
-    return digest.hexdigest(), count
-
-
 def source_identity(cfg: DataConfig, data_dir: str) -> Meta | None:
     """What the decoded images come from, computed without decoding; None: not cacheable."""
     if isinstance(cfg, ElpvDataConfig):
@@ -281,7 +271,7 @@ def source_identity(cfg: DataConfig, data_dir: str) -> Meta | None:
             return None
     else:  # generated in memory (synthetic): as fast to make as to load
         return None
-    files, count = _listing_sha256(root)
+    files, count = listing_sha256(root)
     return {"root": str(root), "files_sha256": files, "files": count, **package}
 
 

@@ -119,6 +119,16 @@ def _scan_class_folders(
     return classes, items, bad
 
 
+def listing_sha256(root: Path) -> tuple[str, int]:
+    """Names, sizes and modification times of every file under ``root``: found without decoding."""
+    digest, count = hashlib.sha256(), 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        count += 1
+    return digest.hexdigest(), count
+
+
 # (root, split parts, listing with sizes and mtimes) -> scan: the pre-flight check and prepare() share
 # it in memory, so each file is decoded once to check it and once to use it. With a cache folder the
 # scan is also kept on disk, so the jobs of a sweep (and every later run) over an unchanged folder
@@ -128,12 +138,7 @@ SCAN_FORMAT = 1  # bump when validate's verdicts change
 
 
 def _scan_cached(root: Path, parts: list[str], cache_dir: str | None = None) -> tuple:
-    listing = tuple(
-        (str(p), st.st_size, st.st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and (st := p.stat())
-    )
-    key = (str(root.resolve()), tuple(parts), listing)
+    key = (str(root.resolve()), tuple(parts), listing_sha256(root)[0])
     if key in _SCANS:
         return _SCANS[key]
     stored = None

@@ -5,6 +5,7 @@ The resumed run must be the same MLflow run and end with the same bits as a run 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -93,8 +94,13 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory):
     return _final_metrics(root)
 
 
-def test_sigterm_in_process_then_resume_gives_the_same_bits(tmp_path: Path, run_cli, capsys) -> None:
-    """The fast variant: a real SIGTERM to this process (the run's main thread handles it)."""
+def test_sigterm_in_process_then_resume_gives_the_same_bits(
+    tmp_path: Path, run_cli, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast variant: a real SIGTERM to this process (the run's main thread handles it).
+
+    The resume runs as if the code had moved to another commit meanwhile: the run keeps both.
+    """
     base, stopped = tmp_path / "base", tmp_path / "stopped"
     args = [a for a in ARGS if not a.startswith("trainer.epochs")] + ["trainer.epochs=3"]
     assert run_cli(*args, *store_overrides(base)) == 0
@@ -113,10 +119,21 @@ def test_sigterm_in_process_then_resume_gives_the_same_bits(tmp_path: Path, run_
     err = capsys.readouterr().err
     assert re.search(r"stopped: SIGTERM stopped after epoch \d+ step \d+ \(checkpoint .*checkpoint.pt", err)
     assert runs_in(stopped).iloc[0]["status"] == "KILLED"
+    started_at = runs_in(stopped).iloc[0]["tags.mlflow.source.git.commit"]
+    later = {"commit": "f" * 40, "dirty": "false"}
+    monkeypatch.setattr("transferlab.tracking.git_state", lambda root: later)
     assert run_cli(*args, *store_overrides(stopped)) == 0
     got = _final_metrics(stopped)
     assert got[2] == "FINISHED" and got[3] == runs_in(stopped).iloc[0]["run_id"]
     assert got[:2] == want[:2]
+    run = MlflowClient().get_run(got[3])
+    assert run.data.tags["git.commits"] == f"{started_at},{'f' * 40}"
+    assert run.data.tags["mlflow.source.git.commit"] == "f" * 40
+    assert "its epochs come from both" in capsys.readouterr().out  # Hydra's log handler: stdout
+    first = MlflowClient().download_artifacts(got[3], "reproducibility.json", str(tmp_path))
+    second = MlflowClient().download_artifacts(got[3], "reproducibility-code2.json", str(tmp_path))
+    assert json.loads(Path(first).read_text())["git"]["commit"] == started_at
+    assert json.loads(Path(second).read_text())["git"] == later
 
 
 @pytest.mark.slow

@@ -275,7 +275,21 @@ def log_reproducibility(cfg: Any, built: Any, data: Any, counts: dict[str, int])
         },
         "parameters": counts,
     }
-    mlflow.log_dict(record, "reproducibility.json")
+    # A run resumed by other code than it started with: its epochs come from both; say so, keep both.
+    tags = mlflow.get_run(mlflow.active_run().info.run_id).data.tags
+    history = tags.get("git.commits", tags.get("mlflow.source.git.commit", git["commit"])).split(",")
+    if history[-1] != git["commit"]:
+        _log.warning(
+            "resuming a run started at commit %s with the code at commit %s: its epochs come from both "
+            "(tag git.commits); for one code version, launch with resume=false",
+            history[-1][:12],
+            git["commit"][:12],
+        )
+        history.append(git["commit"])
+    # The first launch's record stays; each later code version gets its own.
+    mlflow.log_dict(
+        record, f"reproducibility-code{len(history)}.json" if len(history) > 1 else "reproducibility.json"
+    )
     skipped = getattr(data, "skipped", [])
     if skipped:  # data.on_bad_image=skip: which files were left out, and why
         mlflow.log_dict([{"path": b.path, "problem": b.problem} for b in skipped], "skipped_images.json")
@@ -283,6 +297,7 @@ def log_reproducibility(cfg: Any, built: Any, data: Any, counts: dict[str, int])
     mlflow.set_tags(
         {
             "mlflow.source.git.commit": git["commit"],
+            "git.commits": ",".join(history),
             "git.dirty": git["dirty"],
             "weights.source": built.weight_source,
             "weights.sha256": built.weight_sha256 or "none",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import platform
 import subprocess
@@ -94,6 +95,7 @@ def setup_experiment(cfg: MlflowConfig) -> str:
         return experiment.experiment_id
 
 
+@functools.cache  # once per process: a sweep's later jobs run the code loaded at its start, not a newer HEAD
 def git_state(root: str) -> dict[str, str]:
     def git(*args: str) -> str:
         return subprocess.run(

@@ -197,3 +197,49 @@ def test_a_sweep_whose_jobs_all_failed_exits_1(run_cli, store, tmp_path: Path, c
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and "none of its 1 run(s) FINISHED" in captured.err
     assert "cannot split synthetic" in captured.err and "Traceback" not in captured.err
+
+
+def test_runs_that_differ_in_an_unswept_key_are_not_averaged_together(tmp_path: Path, capsys) -> None:
+    """Two sweeps in one experiment (lp_ft at 3 and at 6 epochs): two groups, each paired with the FE runs."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("mixed", artifact_location=str(tmp_path / "artifacts"))
+    client.create_run(experiment, tags={"sweep.role": "parent", "sweep.axes": '["mode", "seed"]'})
+    accuracy = {("feature_extract", "10"): 0.80, ("lp_ft", "3"): 0.84, ("lp_ft", "6"): 0.87}
+    for (mode, epochs), base in accuracy.items():
+        for seed in (0, 1, 2):
+            run = client.create_run(
+                experiment, tags={"sweep.role": "job", "config_hash": f"{mode}{epochs}{seed}"}
+            )
+            rid = run.info.run_id
+            for key, value in {
+                "mode.name": mode,
+                "seed": seed,
+                "trainer.epochs": epochs,
+                "paths.output_dir": rid,
+            }.items():
+                client.log_param(rid, key, value)
+            for metric in report.METRICS:
+                client.log_metric(rid, metric, base + seed / 100)
+            client.log_metric(rid, "val_accuracy", base, step=0)
+            client.set_terminated(rid, "FINISHED")
+    out = tmp_path / "report"
+    assert report.main(["--experiment", "mixed", "--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
+    printed = capsys.readouterr().out
+    assert "grouped by mode, trainer.epochs (trainer.epochs: not swept, but differ" in printed
+    stats = pd.read_csv(out / "summary.csv")
+    assert [
+        (m, e, n) for m, e, n in zip(stats["mode"], stats["trainer.epochs"], stats["n"], strict=True)
+    ] == [
+        ("feature_extract", 10, 3),
+        ("lp_ft", 3, 3),
+        ("lp_ft", 6, 3),
+    ]  # paths.output_dir differs between every run too: not semantic, no axis
+    paired = pd.read_csv(out / "paired.csv").set_index("trainer.epochs")
+    assert paired.loc[3, "test_accuracy_diff_mean"] == pytest.approx(0.04)
+    assert paired.loc[6, "test_accuracy_diff_mean"] == pytest.approx(0.07)
+    assert set(paired["n_pairs"]) == {3}
+    assert (
+        "feature_extract ran with trainer.epochs=10 only: every other trainer.epochs is paired with it."
+        in printed
+    )

@@ -11,6 +11,10 @@ CSV, and PNG plots, in ``--out`` and as artifacts under ``report/``: of the pare
 ``--parent-run``; of a new run named ``report`` (tag ``sweep.role=report``) for ``--experiment``,
 since an experiment can hold several sweeps (a widened sweep is a second parent).
 
+Runs of one group that differ in a key nobody swept (two sweeps into one experiment, at
+``trainer.epochs=3`` and ``=6``) are never averaged together: that key becomes an axis, said above the
+table; where feature extraction ran with one value of it, every other value is paired with that one.
+
 Each config (tag ``config_hash``) counts once: its newest FINISHED run. Configs with no FINISHED run
 are listed as failed, never averaged in. Bad input exits 2 with one line naming the fix; a sweep
 with no FINISHED job exits 1 after listing its failures.
@@ -39,7 +43,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from transferlab.config import repo_root
+from transferlab.config import NOT_SEMANTIC, repo_root
 from transferlab.sweep import CONFIG_HASH, NAME_ORDER, ROLE
 
 # metric -> (column header, scale, decimals)
@@ -163,6 +167,55 @@ def axis_value(run: Run, axis: str) -> str:
         if key in params:
             return params[key]
     return tags.get(f"choice.{axis}", "?")
+
+
+def _semantic_params(run: Run) -> dict[str, str]:
+    """The params that decide what a run computes: not where it is logged, not the derived stage.*."""
+    return {
+        k: v
+        for k, v in run.data.params.items()
+        if k != "seed"
+        and not k.startswith("stage.")
+        and not any(k == n or k.startswith(f"{n}.") for n in NOT_SEMANTIC)
+    }
+
+
+def hidden_axes(runs: list[Run], axes: list[str]) -> list[str]:
+    """Params that differ between runs of one group: never averaged together, so they become axes.
+
+    An experiment that collects several sweeps (a relaunch with ``trainer.epochs=6``, a sweep with
+    another lr) would otherwise average two protocols into one mean ± std.
+    """
+    groups: dict[tuple[str, ...], list[dict[str, str]]] = {}
+    for run in runs:
+        key = tuple(axis_value(run, a) for a in axes if a != "seed")
+        groups.setdefault(key, []).append(_semantic_params(run))
+    varying: list[str] = []
+    for params in groups.values():
+        keys = sorted(set().union(*params))
+        varying += [k for k in keys if len({p.get(k, "∅") for p in params}) > 1 and k not in varying]
+    # A group option that varies (mode=lp_ft and mode=partial) is one axis, not one per key.
+    covered = set(axes) | {f"{a}.name" for a in axes}
+    return [k for k in varying if k not in covered]
+
+
+def broadcast_base(df: pd.DataFrame, axes: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Where BASE ran with one value of a hidden axis, pair every other value with it.
+
+    E.g. feature extraction ran 10 epochs, lp_ft 3 and 6: both lp_ft rows are paired with the one
+    feature-extraction protocol. Returns the frame to pair and a note per broadcast axis.
+    """
+    notes = []
+    for axis in axes:
+        base_values = set(df.loc[df["mode"] == BASE, axis])
+        others = set(df[axis]) - base_values
+        if len(base_values) != 1 or not others:
+            continue
+        (value,) = base_values
+        base = df[df["mode"] == BASE]
+        df = pd.concat([df, *(base.assign(**{axis: v}) for v in sorted(others))], ignore_index=True)
+        notes.append(f"{BASE} ran with {_shown(axis, value)} only: every other {axis} is paired with it.")
+    return df, notes
 
 
 def runs_frame(runs: list[Run], axes: list[str]) -> pd.DataFrame:
@@ -382,6 +435,8 @@ def plot_curves(client: MlflowClient, df: pd.DataFrame, groups: list[str], path:
 def build(client: MlflowClient, selection: Selection, out: Path, references: Sequence[Reference] = ()) -> str:
     """Write every table and plot into ``out``; return the Markdown report."""
     finished, failed = dedupe(selection.runs)
+    extra = hidden_axes(finished, selection.axes)
+    selection.axes = [*selection.axes, *extra]
     groups = [a for a in selection.axes if a != "seed"]
     failed_df = runs_frame(failed, selection.axes)
     failures = ""
@@ -400,7 +455,8 @@ def build(client: MlflowClient, selection: Selection, out: Path, references: Seq
         )
     df = runs_frame(finished, selection.axes)
     stats = summary(df, groups)
-    diffs = paired(df, groups)
+    pairable, pair_notes = broadcast_base(df, extra) if "mode" in groups else (df, [])
+    diffs = paired(pairable, groups)
     table, diff_table = display_tables(stats, diffs, groups, "±")
     tex_table, tex_diff = display_tables(stats, diffs, groups, r"$\pm$")
 
@@ -408,19 +464,17 @@ def build(client: MlflowClient, selection: Selection, out: Path, references: Seq
     pd.concat([df, failed_df]).to_csv(out / "runs.csv", index=False)
     stats.to_csv(out / "summary.csv", index=False)
     tex = [latex(tex_table, f"{selection.title}: mean ± std over seeds (n runs).")]
-    parts = [
-        f"# {selection.title}",
-        f"{len(finished)} FINISHED run(s) grouped by {', '.join(groups) or '(nothing swept)'}; "
-        "mean ± std (sample std over seeds) and n.",
-        markdown(table),
-    ]
+    grouped = f"{len(finished)} FINISHED run(s) grouped by {', '.join(groups) or '(nothing swept)'}"
+    if extra:
+        grouped += f" ({', '.join(extra)}: not swept, but differ between runs of one group)"
+    parts = [f"# {selection.title}", f"{grouped}; mean ± std (sample std over seeds) and n.", markdown(table)]
     if diffs is not None and diff_table is not None:
         diffs.to_csv(out / "paired.csv", index=False)
         tex.append(latex(tex_diff, f"Each mode minus {BASE}, paired by seed (ttest_rel)."))
         parts += [
             f"## Each mode − {BASE}, paired by seed",
             "Mean ± std of the per-seed differences in percentage points; p: two-sided paired t-test "
-            "(`scipy.stats.ttest_rel`), – where fewer than two pairs.",
+            "(`scipy.stats.ttest_rel`), – where fewer than two pairs." + "".join(f" {n}" for n in pair_notes),
             markdown(diff_table),
         ]
     if references:

@@ -36,6 +36,21 @@ def test_elpv_binary_split_as_deitsch_et_al() -> None:
     assert (again.test == splits.test).all()
 
 
+@pytest.mark.slow
+def test_elpv_reads_what_the_package_loader_does() -> None:
+    """Labels, types and pixels as ``elpv_dataset.utils.load_dataset()`` (which decodes all 2,624 first)."""
+    from elpv_dataset.utils import load_dataset
+
+    images, probs, types = load_dataset()
+    raw = load_raw(ElpvDataConfig(), "")
+    assert (raw.labels == (probs >= 0.5)).all()
+    for i in range(len(images)):
+        assert np.array_equal(raw.read(i), images[i])
+    poly = load_raw(ElpvDataConfig(cell_type="poly", labels="four_class"), "")
+    assert (poly.labels == np.rint(probs[types == "poly"] * 3)).all()
+    assert np.array_equal(poly.read(0), images[types == "poly"][0])
+
+
 def test_elpv_options() -> None:
     four = load_raw(ElpvDataConfig(labels="four_class"), "")
     assert sorted(set(four.labels.tolist())) == [0, 1, 2, 3]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import PIL
+import PIL.Image
 import torch
 import torchvision
 from sklearn.model_selection import train_test_split
@@ -91,19 +91,28 @@ class PreparedData:
 
 def _elpv(cfg: ElpvDataConfig) -> RawDataset:
     import elpv_dataset
-    from elpv_dataset.utils import load_dataset
 
-    images, probs, types = load_dataset()
+    # The package's labels.csv, parsed as its utils.load_dataset() does; that function also decodes
+    # all 2,624 PNGs up front (seconds), where a run with data.limit or cell_type needs only some.
+    src = Path(elpv_dataset.__file__).parent / "data"
+    table = np.genfromtxt(
+        src / "labels.csv", dtype=["|S19", "<f8", "|S4"], names=["path", "probability", "type"]
+    )
+    paths, probs, types = (np.char.decode(table["path"]), table["probability"], np.char.decode(table["type"]))
     keep = np.ones(len(probs), dtype=bool) if cfg.cell_type == "all" else types == cfg.cell_type
-    images, probs = images[keep], probs[keep]
+    paths, probs = paths[keep], probs[keep]
     if cfg.labels == "binary":
         labels = (probs >= cfg.threshold).astype(np.int64)
         classes = ["functional", "defective"]
     else:
         labels = np.rint(probs * 3).astype(np.int64)
         classes = ["p=0", "p=1/3", "p=2/3", "p=1"]
-    src = str(Path(elpv_dataset.__file__).parent / "data")
-    return RawDataset("elpv", lambda i: images[i], labels, classes, src)
+
+    def read(i: int) -> np.ndarray:
+        with PIL.Image.open(src / paths[i]) as image:
+            return np.asarray(image)
+
+    return RawDataset("elpv", read, labels, classes, str(src))
 
 
 def _scan_class_folders(

@@ -171,8 +171,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_help_and_cfg_job() -> None:
-    """What a Hydra user types first: --help lists groups and public keys; --cfg job prints the config."""
+def test_cli_help_and_cfg_job(run_cli, capsys) -> None:
+    """What a Hydra user types first: --help lists groups and public keys; --cfg job prints the config.
+
+    ``--help`` through a real ``python -m transferlab.train``; the others in-process (same entrypoint).
+    """
     helped = _cli("--help")
     assert helped.returncode == 0
     for text in (
@@ -187,8 +190,9 @@ def test_cli_help_and_cfg_job() -> None:
         assert text in helped.stdout, text
     mode_line = next(line for line in helped.stdout.splitlines() if line.startswith("mode: "))
     assert set(MODES) <= set(mode_line.removeprefix("mode: ").split(", "))
-    shown = _cli("--cfg", "job", "mode=full_finetune")
-    assert shown.returncode == 0
-    assert "name: full_finetune" in shown.stdout and "lr: ${mode.lr}" in shown.stdout
-    completion = _cli("--shell-completion", "install=bash")
-    assert completion.returncode == 0 and "complete" in completion.stdout
+    capsys.readouterr()
+    assert run_cli("--cfg", "job", "mode=full_finetune") == 0
+    shown = capsys.readouterr().out
+    assert "name: full_finetune" in shown and "lr: ${mode.lr}" in shown
+    assert run_cli("--shell-completion", "install=bash") == 0
+    assert "complete" in capsys.readouterr().out

@@ -278,15 +278,19 @@ def log_reproducibility(cfg: Any, built: Any, data: Any, counts: dict[str, int])
         "parameters": counts,
     }
     # A run resumed by other code than it started with: its epochs come from both; say so, keep both.
+    # (Only our own tags count: MLflow sets mlflow.source.git.commit itself at a run's start.)
     tags = mlflow.get_run(mlflow.active_run().info.run_id).data.tags
-    history = tags.get("git.commits", tags.get("mlflow.source.git.commit", git["commit"])).split(",")
-    if history[-1] != git["commit"]:
+    resumed = "weights.source" in tags  # set below by an earlier launch of this run
+    logged = tags.get("git.commits") or (tags.get("mlflow.source.git.commit") if resumed else None)
+    history = logged.split(",") if logged else []
+    if history and history[-1] != git["commit"]:
         _log.warning(
             "resuming a run started at commit %s with the code at commit %s: its epochs come from both "
             "(tag git.commits); for one code version, launch with resume=false",
             history[-1][:12],
             git["commit"][:12],
         )
+    if not history or history[-1] != git["commit"]:
         history.append(git["commit"])
     # The first launch's record stays; each later code version gets its own.
     mlflow.log_dict(

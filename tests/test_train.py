@@ -65,6 +65,7 @@ def test_a_tiny_run_logs_everything(run_cli, store, tmp_path: Path, mode: str) -
     assert record["seed"] == 7 and record["weights"]["source"] == "random-init"
     assert set(record["packages"]) >= {"torch", "timm", "mlflow", "hydra-core"}
     assert record["dataset"]["fingerprint"] == run["tags.dataset.fingerprint"]
+    assert run["tags.git.commits"] == run["tags.mlflow.source.git.commit"] == record["git"]["commit"]  # one
     assert "environ" not in json.dumps(record).lower()
     # The dataset as an MLflow input, with the fingerprint as digest.
     inputs = client.get_run(run["run_id"]).inputs.dataset_inputs

@@ -436,9 +436,9 @@ def build(client: MlflowClient, selection: Selection, out: Path, references: Seq
     """Write every table and plot into ``out``; return the Markdown report."""
     finished, failed = dedupe(selection.runs)
     extra = hidden_axes(finished, selection.axes)
-    selection.axes = [*selection.axes, *extra]
-    groups = [a for a in selection.axes if a != "seed"]
-    failed_df = runs_frame(failed, selection.axes)
+    axes = [*selection.axes, *extra]
+    groups = [a for a in axes if a != "seed"]
+    failed_df = runs_frame(failed, axes)
     failures = ""
     if failed:
         listing = failed_df[["run_name", "status", "error"]].copy()
@@ -453,7 +453,7 @@ def build(client: MlflowClient, selection: Selection, out: Path, references: Seq
             "(it reruns only what did not finish)",
             code=1,
         )
-    df = runs_frame(finished, selection.axes)
+    df = runs_frame(finished, axes)
     stats = summary(df, groups)
     pairable, pair_notes = broadcast_base(df, extra) if "mode" in groups else (df, [])
     diffs = paired(pairable, groups)

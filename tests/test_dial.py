@@ -38,11 +38,11 @@ from transferlab.modes import (
     count_parameters,
     enter_stage,
     find_stages,
+    make_model,
     schedule,
     set_train_mode,
 )
 from transferlab.optim import layer_decay_groups, param_groups
-from transferlab.train import make_model
 
 from .conftest import CONF_DIR, TINY, runs_in
 

@@ -12,8 +12,8 @@ from transferlab.backbones import build_backbone
 from transferlab.config import to_typed
 from transferlab.data import prepare
 from transferlab.engine import Runner
-from transferlab.modes import MODES
-from transferlab.train import make_model, seed_everything
+from transferlab.modes import MODES, make_model
+from transferlab.train import seed_everything
 
 from .conftest import TINY
 

@@ -10,8 +10,7 @@ from transferlab.backbones import build_backbone
 from transferlab.config import AdamConfig, BackboneConfig, SyntheticDataConfig, TrainerConfig
 from transferlab.data import prepare
 from transferlab.engine import Runner, training_batches
-from transferlab.modes import MODES, count_parameters, set_train_mode, trainable_parameters
-from transferlab.train import make_model
+from transferlab.modes import MODES, count_parameters, make_model, set_train_mode, trainable_parameters
 
 
 def _setup(mode_name: str, augment: bool = False, num_classes: int = 3, seed: int = 0):

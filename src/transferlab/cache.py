@@ -44,8 +44,8 @@ from transferlab.config import (
     TorchvisionDataConfig,
 )
 from transferlab.data import PreparedData, Splits, listing_sha256, prepare
-from transferlab.tracking import package_versions
 from transferlab.validate import BadImage
+from transferlab.versions import package_versions
 
 if TYPE_CHECKING:
     from transferlab.engine import Runner

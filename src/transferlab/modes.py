@@ -209,6 +209,13 @@ def freeze_backbone(backbone: nn.Module, mode: Mode) -> None:
     backbone.requires_grad_(mode.trains_backbone)
 
 
+def make_model(network: nn.Module, mode: Mode, num_classes: int) -> TransferModel:
+    """Freeze first, then swap the head: the new head arrives trainable, sized to the classes."""
+    backbone, width = split_head(network)
+    freeze_backbone(backbone, mode)
+    return TransferModel(backbone, nn.Linear(width, num_classes))
+
+
 def _frozen_modules(backbone: nn.Module) -> list[str]:
     """The largest submodules with parameters of which none trains: they run in eval mode."""
     frozen: list[str] = []

@@ -13,9 +13,8 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +28,9 @@ from mlflow.exceptions import MlflowException
 
 from transferlab import resilient
 from transferlab.config import ConfigError, MlflowConfig
+from transferlab.versions import package_versions
 
 _log = logging.getLogger("transferlab.tracking")
-PACKAGES = (
-    "torch",
-    "torchvision",
-    "timm",
-    "hydra-core",
-    "omegaconf",
-    "mlflow",
-    "numpy",
-    "scikit-learn",
-    "pillow",
-    "transferlab",
-)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -108,17 +96,6 @@ def git_state(root: str) -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": "unknown"}
     return {"commit": commit or "unknown", "dirty": str(dirty).lower()}
-
-
-def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str]:
-    """Installed versions of ``names`` (and Python's): for the reproducibility record and cache keys."""
-    versions = {"python": platform.python_version()}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 @contextmanager

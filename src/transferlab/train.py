@@ -21,15 +21,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torch import nn
 
 from transferlab import sweep, tracking
 from transferlab.backbones import (
-    TransferModel,
     build_backbone,
     check_backbone_name,
     find_classifier,
-    split_head,
 )
 from transferlab.cache import FeatureCache, prepare_cached
 from transferlab.checkpoint import Checkpoint, resume_hint, set_deterministic, stop_signals
@@ -38,11 +35,10 @@ from transferlab.data import check_data, class_counts
 from transferlab.engine import FitResult, Runner, StopRequested
 from transferlab.modes import (
     MODES,
-    Mode,
     check_stages,
     count_parameters,
     enter_stage,
-    freeze_backbone,
+    make_model,
     schedule,
 )
 from transferlab.optim import describe, param_groups
@@ -59,13 +55,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def make_model(network: nn.Module, mode: Mode, num_classes: int) -> TransferModel:
-    """Freeze first, then swap the head: the new head arrives trainable, sized to the classes."""
-    backbone, width = split_head(network)
-    freeze_backbone(backbone, mode)
-    return TransferModel(backbone, nn.Linear(width, num_classes))
 
 
 def preflight(cfg: TrainConfig) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,15 @@ def test_channels_last_predicts_as_the_plain_layout(compose_cfg, mode: str) -> N
         runner.fit(optimizer, 1, lambda row, epoch: None)
     (_, pa, la), (_, pb, lb) = plain.predict(plain.data.splits.test), fast.predict(fast.data.splits.test)
     assert (pa == pb).mean() >= 0.9 and abs(la - lb) <= 0.02 * abs(la)
+
+
+def test_gpu_check_imports_without_mlflow() -> None:
+    """A bare CUDA machine has torch and timm but often not the tracker (the lent H100 had none):
+    the GPU check, the engine and the caches must import without MLflow."""
+    script = ROOT / "experiments/benchmarks/gpu_check.py"
+    code = f"import sys, runpy; sys.modules['mlflow'] = None; runpy.run_path({str(script)!r})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.slow  # 2 backbones x 3 loops x 2 epochs: 1-6 minutes on 2 shared cores

@@ -152,6 +152,35 @@ def test_paired_difference_matches_scipy_paired_by_seed() -> None:
     assert report.paired(df[df["mode"] == "full_finetune"], ["backbone", "mode"]) is None
 
 
+def test_pretrained_minus_random_init_is_paired_by_seed_where_the_control_ran() -> None:
+    rng = np.random.default_rng(1)
+    rows = [
+        {"backbone": b, "mode": m, "backbone.weights": w, "seed": seed}
+        | {k: rng.uniform(0.5, 0.9) for k in report.METRICS}
+        for b in ("b0", "b1")
+        for m, weights in (("feature_extract", ("imagenet",)), ("full_finetune", ("imagenet", "null")))
+        for w in weights
+        for seed in (0, 1, 2)
+        if not (b == "b1" and w == "null")  # the control ran on b0 only
+    ]
+    df = pd.DataFrame(rows).sample(frac=1, random_state=2)
+    groups = ["backbone", "mode", "backbone.weights"]
+    gains = report.pretraining(df, groups)
+    assert gains[["backbone", "mode", "backbone.weights", "n_pairs"]].values.tolist() == [
+        ["b0", "full_finetune", "imagenet", 3]
+    ]  # only where both ran; feature_extract has no random-init twin
+    part = df[(df["backbone"] == "b0") & (df["mode"] == "full_finetune")]
+    by = {
+        w: part[part["backbone.weights"] == w].set_index("seed").sort_index()["test_accuracy"]
+        for w in ("imagenet", "null")
+    }
+    expected = ttest_rel(by["imagenet"].to_numpy(), by["null"].to_numpy())
+    assert gains.loc[0, "test_accuracy_diff_mean"] == pytest.approx((by["imagenet"] - by["null"]).mean())
+    assert gains.loc[0, "test_accuracy_p"] == pytest.approx(expected.pvalue)
+    assert report.pretraining(df[df["backbone.weights"] != "null"], groups) is None
+    assert report.pretraining(df, ["backbone", "mode"]) is None  # the weights never varied
+
+
 def _one_error_line(capsys, needle: str) -> None:
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()

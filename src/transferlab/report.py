@@ -6,7 +6,8 @@ python -m transferlab.report --parent-run RUN_ID            # one sweep (its MLf
 Groups the runs by the swept axes (``sweep.axes`` of the parent runs; ``seed`` is the replicate),
 and writes mean ± std and n of test accuracy, balanced accuracy, macro-F1, wall time and trainable
 parameters; per backbone (every non-mode axis), full_finetune minus feature_extract with a paired
-t-test over seeds (``scipy.stats.ttest_rel``, pairs matched by seed). Markdown (printed), LaTeX and
+t-test over seeds (``scipy.stats.ttest_rel``, pairs matched by seed); where the random-init control
+ran (``backbone.weights=null``), pretrained minus random init, paired the same way. Markdown (printed), LaTeX and
 CSV, and PNG plots, in ``--out`` and as artifacts under ``report/``: of the parent run for
 ``--parent-run``; of a new run named ``report`` (tag ``sweep.role=report``) for ``--experiment``,
 since an experiment can hold several sweeps (a widened sweep is a second parent).
@@ -57,6 +58,7 @@ METRICS: dict[str, tuple[str, float, int]] = {
 PAIRED = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1")
 BASE = "feature_extract"  # every other mode is reported as its difference to this one
 DIAL = ("partial", "lp_ft", "full_finetune")  # the order of the dial: least to most of the backbone trained
+WEIGHTS, RANDOM_INIT = "backbone.weights", "null"  # the random-init control is paired against pretrained
 
 
 class ReportError(Exception):
@@ -241,13 +243,43 @@ def summary(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
     return stats.drop(columns=[c for c in stats.columns if c.endswith("_count")])
 
 
+def _paired_stats(part: pd.DataFrame, axis: str, treated: str, base: str) -> dict[str, Any]:
+    """``treated`` - ``base`` along ``axis`` within ``part``, matched by seed (``ttest_rel``)."""
+    from scipy.stats import ttest_rel
+
+    row: dict[str, Any] = {"n_pairs": 0}
+    if base in set(part[axis]):
+        wide = part.pivot_table(index="seed", columns=axis, values=list(PAIRED), aggfunc="first")
+        # Only this pair's columns: a seed another value lacks must not drop this pair.
+        pairs = wide[[(m, x) for m in PAIRED for x in (treated, base)]].dropna()
+        row["n_pairs"] = len(pairs)
+    for metric in PAIRED:
+        if row["n_pairs"] == 0:
+            row |= {f"{metric}_diff_mean": math.nan, f"{metric}_diff_std": math.nan}
+            row |= {f"{metric}_t": math.nan, f"{metric}_p": math.nan}
+            continue
+        treated_v, base_v = pairs[(metric, treated)].to_numpy(), pairs[(metric, base)].to_numpy()
+        diff = treated_v - base_v
+        row[f"{metric}_diff_mean"] = float(diff.mean())
+        row[f"{metric}_diff_std"] = float(diff.std(ddof=1)) if len(diff) > 1 else math.nan
+        with warnings.catch_warnings():  # n < 2 or identical differences: no test, NaN
+            warnings.simplefilter("ignore")
+            test = ttest_rel(treated_v, base_v) if len(diff) > 1 else None
+        row[f"{metric}_t"] = float(test.statistic) if test is not None else math.nan
+        row[f"{metric}_p"] = float(test.pvalue) if test is not None else math.nan
+    return row
+
+
+def _by_other_axes(df: pd.DataFrame, others: list[str]):  # noqa: ANN202 - (key tuple, frame) pairs
+    for key, part in df.groupby(others, sort=True) if others else [((), df)]:
+        yield (key if isinstance(key, tuple) else (key,)), part
+
+
 def paired(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame | None:
     """Each mode - BASE per combination of the other axes, paired by seed (``ttest_rel``).
 
     One row per (other axes, mode) where that mode ran; ``n_pairs`` = 0 where BASE did not.
     """
-    from scipy.stats import ttest_rel
-
     if "mode" not in groups or BASE not in set(df["mode"]):
         return None
     present = set(df["mode"]) - {BASE}
@@ -256,31 +288,27 @@ def paired(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame | None:
         return None
     others = [g for g in groups if g != "mode"]
     rows = []
-    for key, part in df.groupby(others, sort=True) if others else [((), df)]:
-        key = key if isinstance(key, tuple) else (key,)
-        wide = part.pivot_table(index="seed", columns="mode", values=list(PAIRED), aggfunc="first")
+    for key, part in _by_other_axes(df, others):
         for treated in (m for m in treated_modes if m in set(part["mode"])):
             row: dict[str, Any] = dict(zip(others, key, strict=True)) | {"mode": treated}
-            has_base = BASE in set(part["mode"])
-            # Only this pair's columns: a seed another mode lacks must not drop this pair.
-            pairs = wide[[(m, x) for m in PAIRED for x in (treated, BASE)]].dropna() if has_base else None
-            row["n_pairs"] = len(pairs) if pairs is not None else 0
-            for metric in PAIRED:
-                if row["n_pairs"] == 0:
-                    row |= {f"{metric}_diff_mean": math.nan, f"{metric}_diff_std": math.nan}
-                    row |= {f"{metric}_t": math.nan, f"{metric}_p": math.nan}
-                    continue
-                treated_v, base_v = pairs[(metric, treated)].to_numpy(), pairs[(metric, BASE)].to_numpy()
-                diff = treated_v - base_v
-                row[f"{metric}_diff_mean"] = float(diff.mean())
-                row[f"{metric}_diff_std"] = float(diff.std(ddof=1)) if len(diff) > 1 else math.nan
-                with warnings.catch_warnings():  # n < 2 or identical differences: no test, NaN
-                    warnings.simplefilter("ignore")
-                    test = ttest_rel(treated_v, base_v) if len(diff) > 1 else None
-                row[f"{metric}_t"] = float(test.statistic) if test is not None else math.nan
-                row[f"{metric}_p"] = float(test.pvalue) if test is not None else math.nan
-            rows.append(row)
+            rows.append(row | _paired_stats(part, "mode", treated, BASE))
     return pd.DataFrame(rows)
+
+
+def pretraining(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame | None:
+    """Pretrained - random init (``backbone.weights=null``, the control) per combination of the other
+    axes where both ran, paired by seed: what the pretrained weights are worth, mode by mode."""
+    if WEIGHTS not in groups or RANDOM_INIT not in set(df[WEIGHTS]):
+        return None
+    others = [g for g in groups if g != WEIGHTS]
+    rows = []
+    for key, part in _by_other_axes(df, others):
+        if RANDOM_INIT not in set(part[WEIGHTS]):
+            continue
+        for weights in sorted(set(part[WEIGHTS]) - {RANDOM_INIT}):
+            row: dict[str, Any] = dict(zip(others, key, strict=True)) | {WEIGHTS: weights}
+            rows.append(row | _paired_stats(part, WEIGHTS, weights, RANDOM_INIT))
+    return pd.DataFrame(rows) if rows else None
 
 
 def _cell(mean: float, std: float, metric: str, pm: str) -> str:
@@ -298,26 +326,29 @@ def _num(value: float, fmt: str) -> str:
     return "–" if math.isnan(value) else format(value, fmt)
 
 
-def display_tables(stats: pd.DataFrame, diffs: pd.DataFrame | None, groups: list[str], pm: str):  # noqa: ANN201
-    """The two tables as strings, ``pm`` being ``±`` (Markdown) or ``$\\pm$`` (LaTeX)."""
+def display_tables(stats: pd.DataFrame, groups: list[str], pm: str) -> pd.DataFrame:
+    """The summary table as strings, ``pm`` being ``±`` (Markdown) or ``$\\pm$`` (LaTeX)."""
     table = stats[groups + ["n"]].copy()
     for metric, (header, _, _) in METRICS.items():
         table[header] = [
             _cell(m, s, metric, pm)
             for m, s in zip(stats[f"{metric}_mean"], stats[f"{metric}_std"], strict=True)
         ]
-    if diffs is None:
-        return table, None
-    others = [g for g in groups if g != "mode"]
-    diff_table = diffs[others + ["mode", "n_pairs"]].rename(columns={"mode": f"mode − {BASE}"})
+    return table
+
+
+def display_diffs(diffs: pd.DataFrame, groups: list[str], axis: str, header: str, pm: str) -> pd.DataFrame:
+    """A paired table (``paired`` or ``pretraining``) as strings, ``axis`` shown as ``header``."""
+    others = [g for g in groups if g != axis]
+    table = diffs[others + [axis, "n_pairs"]].rename(columns={axis: header})
     for metric in PAIRED:
-        header = METRICS[metric][0].split(" (")[0]
-        diff_table[f"Δ {header} (pp)"] = [
+        short = METRICS[metric][0].split(" (")[0]
+        table[f"Δ {short} (pp)"] = [
             "–" if math.isnan(m) else _cell(m, s, metric, pm)
             for m, s in zip(diffs[f"{metric}_diff_mean"], diffs[f"{metric}_diff_std"], strict=True)
         ]
-        diff_table[f"p ({header})"] = [_num(p, ".3g") for p in diffs[f"{metric}_p"]]
-    return table, diff_table
+        table[f"p ({short})"] = [_num(p, ".3g") for p in diffs[f"{metric}_p"]]
+    return table
 
 
 def markdown(df: pd.DataFrame) -> str:
@@ -363,7 +394,7 @@ def plot_bars(
     modes = list(dict.fromkeys(stats["mode"])) if "mode" in groups else [None]
     cats = list(dict.fromkeys(_label(r, others) for _, r in stats.iterrows()))
     width = 0.8 / len(modes)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(cats) + 2) + (2.5 if references else 0), 4))
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.2 * len(cats) + 2) + (2.5 if references else 0), 4))
     for i, mode in enumerate(modes):
         part = stats if mode is None else stats[stats["mode"] == mode]
         where = {_label(r, others): r for _, r in part.iterrows()}
@@ -379,7 +410,8 @@ def plot_bars(
             linewidth=1,
             label=f"{ref.label}: {ref.value:.2%}",
         )
-    ax.set_xticks(np.arange(len(cats)), cats, rotation=15 if len(cats) > 3 else 0)
+    # One axis per line: long labels (backbone · weights · epochs) stay under their own bars.
+    ax.set_xticks(np.arange(len(cats)), [c.replace(" · ", "\n") for c in cats], fontsize="small")
     ax.set_ylabel(header)
     ax.set_title(f"{header}: mean ± std over seeds")
     if scale == 100.0:  # percentages: zoom to the bars (differences of a point are what matters)
@@ -457,8 +489,8 @@ def build(client: MlflowClient, selection: Selection, out: Path, references: Seq
     stats = summary(df, groups)
     pairable, pair_notes = broadcast_base(df, extra) if "mode" in groups else (df, [])
     diffs = paired(pairable, groups)
-    table, diff_table = display_tables(stats, diffs, groups, "±")
-    tex_table, tex_diff = display_tables(stats, diffs, groups, r"$\pm$")
+    gains = pretraining(df, groups)
+    table, tex_table = display_tables(stats, groups, "±"), display_tables(stats, groups, r"$\pm$")
 
     out.mkdir(parents=True, exist_ok=True)
     pd.concat([df, failed_df]).to_csv(out / "runs.csv", index=False)
@@ -468,14 +500,39 @@ def build(client: MlflowClient, selection: Selection, out: Path, references: Seq
     if extra:
         grouped += f" ({', '.join(extra)}: not swept, but differ between runs of one group)"
     parts = [f"# {selection.title}", f"{grouped}; mean ± std (sample std over seeds) and n.", markdown(table)]
-    if diffs is not None and diff_table is not None:
+    how = (
+        "Mean ± std of the per-seed differences in percentage points; p: two-sided paired t-test "
+        "(`scipy.stats.ttest_rel`), – where fewer than two pairs."
+    )
+    if diffs is not None:
         diffs.to_csv(out / "paired.csv", index=False)
-        tex.append(latex(tex_diff, f"Each mode minus {BASE}, paired by seed (ttest_rel)."))
+        # A group with no feature_extract twin (the random-init control: a frozen random backbone is
+        # not run) is named once rather than printed as a row of dashes.
+        unpaired = [_label(row, groups) for _, row in diffs[diffs["n_pairs"] == 0].iterrows()]
+        shown = diffs[diffs["n_pairs"] > 0]
+        header = f"mode − {BASE}"
+        tex.append(
+            latex(
+                display_diffs(shown, groups, "mode", header, r"$\pm$"),
+                f"Each mode minus {BASE}, paired by seed (ttest_rel).",
+            )
+        )
+        note = "".join(f" {n}" for n in pair_notes)
+        if unpaired:
+            note += f" No {BASE} run to pair with: {'; '.join(unpaired)}."
+        parts += [f"## Each mode − {BASE}, paired by seed", how + note]
+        parts += [markdown(display_diffs(shown, groups, "mode", header, "±"))] if len(shown) else []
+    if gains is not None:
+        gains.to_csv(out / "pretraining.csv", index=False)
+        header = f"{WEIGHTS} − {RANDOM_INIT}"
+        caption = (
+            f"Pretrained minus random initialisation ({WEIGHTS}={RANDOM_INIT}), paired by seed (ttest_rel)."
+        )
+        tex.append(latex(display_diffs(gains, groups, WEIGHTS, header, r"$\pm$"), caption))
         parts += [
-            f"## Each mode − {BASE}, paired by seed",
-            "Mean ± std of the per-seed differences in percentage points; p: two-sided paired t-test "
-            "(`scipy.stats.ttest_rel`), – where fewer than two pairs." + "".join(f" {n}" for n in pair_notes),
-            markdown(diff_table),
+            f"## Pretrained − random init ({WEIGHTS}={RANDOM_INIT}), paired by seed",
+            how + " The same config but for the weights: what pretraining is worth.",
+            markdown(display_diffs(gains, groups, WEIGHTS, header, "±")),
         ]
     if references:
         parts += ["## Published references (test accuracy)", markdown(compare(stats, groups, references))]

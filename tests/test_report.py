@@ -228,30 +228,32 @@ def test_a_sweep_whose_jobs_all_failed_exits_1(run_cli, store, tmp_path: Path, c
     assert "cannot split synthetic" in captured.err and "Traceback" not in captured.err
 
 
-def test_runs_that_differ_in_an_unswept_key_are_not_averaged_together(tmp_path: Path, capsys) -> None:
-    """Two sweeps in one experiment (lp_ft at 3 and at 6 epochs): two groups, each paired with the FE runs."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def _logged_runs(
+    uri: str, tmp_path: Path, cells: dict[tuple[str, ...], float], keys: tuple[str, ...]
+) -> None:
+    """An experiment ``mixed`` as a mode x seed sweep logs it: one run per cell and seed 0-2, every
+    metric ``accuracy + seed / 100``; ``keys`` name the params each cell's values go to."""
     client = MlflowClient(uri)
     experiment = client.create_experiment("mixed", artifact_location=str(tmp_path / "artifacts"))
     client.create_run(experiment, tags={"sweep.role": "parent", "sweep.axes": '["mode", "seed"]'})
-    accuracy = {("feature_extract", "10"): 0.80, ("lp_ft", "3"): 0.84, ("lp_ft", "6"): 0.87}
-    for (mode, epochs), base in accuracy.items():
+    for cell, accuracy in cells.items():
         for seed in (0, 1, 2):
-            run = client.create_run(
-                experiment, tags={"sweep.role": "job", "config_hash": f"{mode}{epochs}{seed}"}
-            )
+            run = client.create_run(experiment, tags={"sweep.role": "job", "config_hash": f"{cell}{seed}"})
             rid = run.info.run_id
-            for key, value in {
-                "mode.name": mode,
-                "seed": seed,
-                "trainer.epochs": epochs,
-                "paths.output_dir": rid,
-            }.items():
+            params = dict(zip(keys, cell, strict=True)) | {"seed": seed, "paths.output_dir": rid}
+            for key, value in params.items():
                 client.log_param(rid, key, value)
             for metric in report.METRICS:
-                client.log_metric(rid, metric, base + seed / 100)
-            client.log_metric(rid, "val_accuracy", base, step=0)
+                client.log_metric(rid, metric, accuracy + seed / 100)
+            client.log_metric(rid, "val_accuracy", accuracy, step=0)
             client.set_terminated(rid, "FINISHED")
+
+
+def test_runs_that_differ_in_an_unswept_key_are_not_averaged_together(tmp_path: Path, capsys) -> None:
+    """Two sweeps in one experiment (lp_ft at 3 and at 6 epochs): two groups, each paired with the FE runs."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    accuracy = {("feature_extract", "10"): 0.80, ("lp_ft", "3"): 0.84, ("lp_ft", "6"): 0.87}
+    _logged_runs(uri, tmp_path, accuracy, ("mode.name", "trainer.epochs"))
     out = tmp_path / "report"
     assert report.main(["--experiment", "mixed", "--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
     printed = capsys.readouterr().out
@@ -272,3 +274,29 @@ def test_runs_that_differ_in_an_unswept_key_are_not_averaged_together(tmp_path: 
         "feature_extract ran with trainer.epochs=10 only: every other trainer.epochs is paired with it."
         in printed
     )
+
+
+def test_the_random_init_control_is_paired_with_its_pretrained_twin_not_with_feature_extraction(
+    tmp_path: Path, capsys
+) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    accuracy = {
+        ("feature_extract", "imagenet"): 0.80,
+        ("full_finetune", "imagenet"): 0.83,
+        ("full_finetune", "null"): 0.75,
+    }
+    _logged_runs(uri, tmp_path, accuracy, ("mode.name", "backbone.weights"))
+    out = tmp_path / "report"
+    assert report.main(["--experiment", "mixed", "--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
+    printed = capsys.readouterr().out
+    # No frozen random backbone ran: the control is named once, not a row of dashes.
+    assert "No feature_extract run to pair with: full_finetune · backbone.weights=null." in printed
+    assert "| – |" not in printed
+    gains = pd.read_csv(out / "pretraining.csv", keep_default_na=False)
+    assert gains[["mode", "backbone.weights", "n_pairs"]].values.tolist() == [
+        ["full_finetune", "imagenet", 3]
+    ]
+    assert gains.loc[0, "test_accuracy_diff_mean"] == pytest.approx(0.08)
+    assert "## Pretrained − random init (backbone.weights=null), paired by seed" in printed
+    assert "| full_finetune | imagenet | 3 | 8.00 ± 0.00 |" in printed
+    assert "Pretrained minus random initialisation" in (out / "report.tex").read_text()

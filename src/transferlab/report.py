@@ -208,7 +208,9 @@ def broadcast_base(df: pd.DataFrame, axes: Sequence[str]) -> tuple[pd.DataFrame,
     feature-extraction protocol. Returns the frame to pair and a note per broadcast axis.
     """
     notes = []
-    for axis in axes:
+    # Never across the weights: random-init fine-tuning minus pretrained feature extraction would
+    # mix two factors; the control is compared with its pretrained twin (``pretraining``) instead.
+    for axis in (a for a in axes if a != WEIGHTS):
         base_values = set(df.loc[df["mode"] == BASE, axis])
         others = set(df[axis]) - base_values
         if len(base_values) != 1 or not others:

@@ -162,13 +162,18 @@ def test_pretrained_minus_random_init_is_paired_by_seed_where_the_control_ran() 
         for w in weights
         for seed in (0, 1, 2)
         if not (b == "b1" and w == "null")  # the control ran on b0 only
+    ] + [  # a control with no pretrained twin (another mode)
+        {"backbone": "b1", "mode": "lp_ft", "backbone.weights": "null", "seed": seed}
+        | {k: 0.6 for k in report.METRICS}
+        for seed in (0, 1, 2)
     ]
     df = pd.DataFrame(rows).sample(frac=1, random_state=2)
     groups = ["backbone", "mode", "backbone.weights"]
     gains = report.pretraining(df, groups)
     assert gains[["backbone", "mode", "backbone.weights", "n_pairs"]].values.tolist() == [
-        ["b0", "full_finetune", "imagenet", 3]
-    ]  # only where both ran; feature_extract has no random-init twin
+        ["b0", "full_finetune", "imagenet", 3],
+        ["b1", "lp_ft", "null", 0],  # the control alone: named by the report, no pairs
+    ]  # feature_extract ran without a control: no row
     part = df[(df["backbone"] == "b0") & (df["mode"] == "full_finetune")]
     by = {
         w: part[part["backbone.weights"] == w].set_index("seed").sort_index()["test_accuracy"]
@@ -177,8 +182,16 @@ def test_pretrained_minus_random_init_is_paired_by_seed_where_the_control_ran() 
     expected = ttest_rel(by["imagenet"].to_numpy(), by["null"].to_numpy())
     assert gains.loc[0, "test_accuracy_diff_mean"] == pytest.approx((by["imagenet"] - by["null"]).mean())
     assert gains.loc[0, "test_accuracy_p"] == pytest.approx(expected.pvalue)
+    # A seed the control lacks drops only that pair.
+    fewer = report.pretraining(
+        df.drop(df[(df["backbone.weights"] == "null") & (df["seed"] == 1)].index), groups
+    )
+    assert fewer.loc[0, "n_pairs"] == 2
+    assert fewer.loc[0, "test_accuracy_diff_mean"] == pytest.approx(
+        (by["imagenet"] - by["null"])[[0, 2]].mean()
+    )
     assert report.pretraining(df[df["backbone.weights"] != "null"], groups) is None
-    assert report.pretraining(df, ["backbone", "mode"]) is None  # the weights never varied
+    assert report.pretraining(df, ["backbone", "mode"]) is None  # backbone.weights is not a group axis
 
 
 def _one_error_line(capsys, needle: str) -> None:
@@ -229,14 +242,16 @@ def test_a_sweep_whose_jobs_all_failed_exits_1(run_cli, store, tmp_path: Path, c
 
 
 def _logged_runs(
-    uri: str, tmp_path: Path, cells: dict[tuple[str, ...], float], keys: tuple[str, ...]
+    uri: str, tmp_path: Path, cells: dict[tuple[str, ...], float | tuple[float, ...]], keys: tuple[str, ...]
 ) -> None:
     """An experiment ``mixed`` as a mode x seed sweep logs it: one run per cell and seed 0-2, every
-    metric ``accuracy + seed / 100``; ``keys`` name the params each cell's values go to."""
+    metric ``accuracy + seed / 100`` (or the cell's own per-seed values); ``keys`` name the params each
+    cell's values go to."""
     client = MlflowClient(uri)
     experiment = client.create_experiment("mixed", artifact_location=str(tmp_path / "artifacts"))
     client.create_run(experiment, tags={"sweep.role": "parent", "sweep.axes": '["mode", "seed"]'})
     for cell, accuracy in cells.items():
+        per_seed = accuracy if isinstance(accuracy, tuple) else tuple(accuracy + s / 100 for s in (0, 1, 2))
         for seed in (0, 1, 2):
             run = client.create_run(experiment, tags={"sweep.role": "job", "config_hash": f"{cell}{seed}"})
             rid = run.info.run_id
@@ -244,8 +259,8 @@ def _logged_runs(
             for key, value in params.items():
                 client.log_param(rid, key, value)
             for metric in report.METRICS:
-                client.log_metric(rid, metric, accuracy + seed / 100)
-            client.log_metric(rid, "val_accuracy", accuracy, step=0)
+                client.log_metric(rid, metric, per_seed[seed])
+            client.log_metric(rid, "val_accuracy", per_seed[seed], step=0)
             client.set_terminated(rid, "FINISHED")
 
 
@@ -283,20 +298,27 @@ def test_the_random_init_control_is_paired_with_its_pretrained_twin_not_with_fea
     accuracy = {
         ("feature_extract", "imagenet"): 0.80,
         ("full_finetune", "imagenet"): 0.83,
-        ("full_finetune", "null"): 0.75,
+        ("full_finetune", "null"): (0.75, 0.77, 0.74),  # differences 8, 7, 11 points: a real t-test
     }
     _logged_runs(uri, tmp_path, accuracy, ("mode.name", "backbone.weights"))
     out = tmp_path / "report"
     assert report.main(["--experiment", "mixed", "--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
     printed = capsys.readouterr().out
     # No frozen random backbone ran: the control is named once, not a row of dashes.
-    assert "No feature_extract run to pair with: full_finetune · backbone.weights=null." in printed
+    assert (
+        "No feature_extract run (with a seed in common) to pair with: full_finetune · backbone.weights=null."
+        in printed
+    )
     assert "| – |" not in printed
     gains = pd.read_csv(out / "pretraining.csv", keep_default_na=False)
     assert gains[["mode", "backbone.weights", "n_pairs"]].values.tolist() == [
         ["full_finetune", "imagenet", 3]
     ]
-    assert gains.loc[0, "test_accuracy_diff_mean"] == pytest.approx(0.08)
+    assert gains.loc[0, "test_accuracy_diff_mean"] == pytest.approx(0.26 / 3)
+    expected = ttest_rel([0.83, 0.84, 0.85], [0.75, 0.77, 0.74])
+    assert gains.loc[0, "test_accuracy_p"] == pytest.approx(expected.pvalue)
     assert "## Pretrained − random init (backbone.weights=null), paired by seed" in printed
-    assert "| full_finetune | imagenet | 3 | 8.00 ± 0.00 |" in printed
-    assert "Pretrained minus random initialisation" in (out / "report.tex").read_text()
+    assert "| full_finetune | imagenet | 3 | 8.67 ± 2.08 |" in printed
+    tex = (out / "report.tex").read_text()
+    assert "Pretrained minus random initialisation" in tex and "No feature\\_extract run" in tex
+    assert "−" not in tex and "·" not in tex  # not in pdflatex's default input encoding

@@ -5,16 +5,18 @@ python -m transferlab.report --parent-run RUN_ID            # one sweep (its MLf
 
 Groups the runs by the swept axes (``sweep.axes`` of the parent runs; ``seed`` is the replicate),
 and writes mean ± std and n of test accuracy, balanced accuracy, macro-F1, wall time and trainable
-parameters; per backbone (every non-mode axis), full_finetune minus feature_extract with a paired
+parameters; each mode minus feature_extract per combination of the other axes, with a paired
 t-test over seeds (``scipy.stats.ttest_rel``, pairs matched by seed); where the random-init control
-ran (``backbone.weights=null``), pretrained minus random init, paired the same way. Markdown (printed), LaTeX and
+ran (``backbone.weights=null``), pretrained minus random init, paired the same way. Groups with nothing
+to pair with are named once, not printed as rows of dashes. Markdown (printed), LaTeX and
 CSV, and PNG plots, in ``--out`` and as artifacts under ``report/``: of the parent run for
 ``--parent-run``; of a new run named ``report`` (tag ``sweep.role=report``) for ``--experiment``,
 since an experiment can hold several sweeps (a widened sweep is a second parent).
 
 Runs of one group that differ in a key nobody swept (two sweeps into one experiment, at
 ``trainer.epochs=3`` and ``=6``) are never averaged together: that key becomes an axis, said above the
-table; where feature extraction ran with one value of it, every other value is paired with that one.
+table; where feature extraction ran with one value of it, every other value is paired with that one
+(never across ``backbone.weights``: the control is paired with its pretrained twin instead).
 
 Each config (tag ``config_hash``) counts once: its newest FINISHED run. Configs with no FINISHED run
 are listed as failed, never averaged in. Bad input exits 2 with one line naming the fix; a sweep
@@ -250,8 +252,11 @@ def _paired_stats(part: pd.DataFrame, axis: str, treated: str, base: str) -> dic
     from scipy.stats import ttest_rel
 
     row: dict[str, Any] = {"n_pairs": 0}
-    if base in set(part[axis]):
-        wide = part.pivot_table(index="seed", columns=axis, values=list(PAIRED), aggfunc="first")
+    if treated != base and {treated, base} <= set(part[axis]):
+        # dropna=False: a metric one side never logged stays a NaN column (its pairs drop), not a KeyError.
+        wide = part.pivot_table(
+            index="seed", columns=axis, values=list(PAIRED), aggfunc="first", dropna=False
+        )
         # Only this pair's columns: a seed another value lacks must not drop this pair.
         pairs = wide[[(m, x) for m in PAIRED for x in (treated, base)]].dropna()
         row["n_pairs"] = len(pairs)
@@ -299,7 +304,10 @@ def paired(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame | None:
 
 def pretraining(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame | None:
     """Pretrained - random init (``backbone.weights=null``, the control) per combination of the other
-    axes where both ran, paired by seed: what the pretrained weights are worth, mode by mode."""
+    axes where both ran, paired by seed: what the pretrained weights are worth, mode by mode.
+
+    A control with no pretrained twin is one row with ``backbone.weights=null`` and ``n_pairs`` = 0.
+    """
     if WEIGHTS not in groups or RANDOM_INIT not in set(df[WEIGHTS]):
         return None
     others = [g for g in groups if g != WEIGHTS]
@@ -307,7 +315,8 @@ def pretraining(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame | None:
     for key, part in _by_other_axes(df, others):
         if RANDOM_INIT not in set(part[WEIGHTS]):
             continue
-        for weights in sorted(set(part[WEIGHTS]) - {RANDOM_INIT}):
+        # No pretrained twin: the control's own row, with no pairs (the report names it).
+        for weights in sorted(set(part[WEIGHTS]) - {RANDOM_INIT}) or [RANDOM_INIT]:
             row: dict[str, Any] = dict(zip(others, key, strict=True)) | {WEIGHTS: weights}
             rows.append(row | _paired_stats(part, WEIGHTS, weights, RANDOM_INIT))
     return pd.DataFrame(rows) if rows else None
@@ -363,13 +372,18 @@ def markdown(df: pd.DataFrame) -> str:
 _LATEX_SPECIAL = re.compile(r"([_%&#{}])")
 
 
+def _tex_text(text: str) -> str:
+    # U+2212 and the middle dot are not in pdflatex's default input encoding.
+    return _LATEX_SPECIAL.sub(r"\\\1", text).replace("−", "$-$").replace("·", r"$\cdot$")
+
+
 def latex(df: pd.DataFrame, caption: str) -> str:
     """A booktabs table; cells already carry ``$\\pm$``, so only names are escaped."""
     escaped = df.copy()
-    escaped.columns = [_LATEX_SPECIAL.sub(r"\\\1", str(c)).replace("Δ", r"$\Delta$") for c in df.columns]
+    escaped.columns = [_tex_text(str(c)).replace("Δ", r"$\Delta$") for c in df.columns]
     for col in escaped.columns:
-        escaped[col] = [_LATEX_SPECIAL.sub(r"\\\1", str(v)).replace("–", "--") for v in escaped[col]]
-    caption = _LATEX_SPECIAL.sub(r"\\\1", caption).replace("±", r"$\pm$")
+        escaped[col] = [_tex_text(str(v)).replace("–", "--") for v in escaped[col]]
+    caption = _tex_text(caption).replace("±", r"$\pm$")
     return escaped.to_latex(index=False, escape=False, caption=caption, column_format="l" * len(df.columns))
 
 
@@ -510,32 +524,28 @@ def build(client: MlflowClient, selection: Selection, out: Path, references: Seq
         diffs.to_csv(out / "paired.csv", index=False)
         # A group with no feature_extract twin (the random-init control: a frozen random backbone is
         # not run) is named once rather than printed as a row of dashes.
-        unpaired = [_label(row, groups) for _, row in diffs[diffs["n_pairs"] == 0].iterrows()]
-        shown = diffs[diffs["n_pairs"] > 0]
+        shown, note = _split_unpaired(diffs, groups, f"No {BASE} run (with a seed in common) to pair with")
+        note = "".join(f" {n}" for n in pair_notes) + note
         header = f"mode − {BASE}"
-        tex.append(
-            latex(
-                display_diffs(shown, groups, "mode", header, r"$\pm$"),
-                f"Each mode minus {BASE}, paired by seed (ttest_rel).",
-            )
-        )
-        note = "".join(f" {n}" for n in pair_notes)
-        if unpaired:
-            note += f" No {BASE} run to pair with: {'; '.join(unpaired)}."
         parts += [f"## Each mode − {BASE}, paired by seed", how + note]
-        parts += [markdown(display_diffs(shown, groups, "mode", header, "±"))] if len(shown) else []
+        if len(shown):
+            parts.append(markdown(display_diffs(shown, groups, "mode", header, "±")))
+            caption = f"Each mode minus {BASE}, paired by seed (ttest_rel).{note}"
+            tex.append(latex(display_diffs(shown, groups, "mode", header, r"$\pm$"), caption))
     if gains is not None:
         gains.to_csv(out / "pretraining.csv", index=False)
+        shown, note = _split_unpaired(gains, groups, "No pretrained twin (with a seed in common) for")
         header = f"{WEIGHTS} − {RANDOM_INIT}"
-        caption = (
-            f"Pretrained minus random initialisation ({WEIGHTS}={RANDOM_INIT}), paired by seed (ttest_rel)."
-        )
-        tex.append(latex(display_diffs(gains, groups, WEIGHTS, header, r"$\pm$"), caption))
         parts += [
             f"## Pretrained − random init ({WEIGHTS}={RANDOM_INIT}), paired by seed",
-            how + " The same config but for the weights: what pretraining is worth.",
-            markdown(display_diffs(gains, groups, WEIGHTS, header, "±")),
+            how + " The same config but for the weights: what pretraining is worth." + note,
         ]
+        if len(shown):
+            parts.append(markdown(display_diffs(shown, groups, WEIGHTS, header, "±")))
+            caption = (
+                f"Pretrained minus random initialisation ({WEIGHTS}={RANDOM_INIT}), paired by seed.{note}"
+            )
+            tex.append(latex(display_diffs(shown, groups, WEIGHTS, header, r"$\pm$"), caption))
     if references:
         parts += ["## Published references (test accuracy)", markdown(compare(stats, groups, references))]
     text = "\n\n".join(parts) + failures + "\n"
@@ -545,6 +555,12 @@ def build(client: MlflowClient, selection: Selection, out: Path, references: Seq
     plot_bars(stats, groups, "wall_time_s", out / "wall_time.png")
     plot_curves(client, df, groups, out / "val_curves.png")
     return text
+
+
+def _split_unpaired(diffs: pd.DataFrame, groups: list[str], text: str) -> tuple[pd.DataFrame, str]:
+    """The rows with pairs, and one sentence naming the groups without any."""
+    unpaired = [_label(row, groups) for _, row in diffs[diffs["n_pairs"] == 0].iterrows()]
+    return diffs[diffs["n_pairs"] > 0], f" {text}: {'; '.join(unpaired)}." if unpaired else ""
 
 
 @dataclass(frozen=True)

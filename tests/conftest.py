@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from transferlab.config import register_configs
+from transferlab.schemas import register_configs
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 

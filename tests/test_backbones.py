@@ -21,8 +21,8 @@ from transferlab.backbones import (
     sha256_file,
     split_head,
 )
-from transferlab.config import BackboneConfig, ConfigError
 from transferlab.data import normalize, preprocess_image
+from transferlab.schemas import BackboneConfig, ConfigError
 
 EGYPTIAN_CAT = 285  # ImageNet class index
 

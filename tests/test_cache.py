@@ -17,10 +17,10 @@ from safetensors.torch import save_file
 from transferlab import cache
 from transferlab.backbones import build_backbone
 from transferlab.cache import FeatureCache, TensorStore, prepare_cached
-from transferlab.config import to_typed
 from transferlab.data import prepare
 from transferlab.engine import Runner
-from transferlab.modes import MODES, make_model
+from transferlab.modes import make_model
+from transferlab.schemas import to_typed
 from transferlab.train import seed_everything
 
 from .conftest import TINY, runs_in
@@ -42,17 +42,25 @@ def make_runner(compose_cfg, tmp_path: Path) -> Callable[..., tuple[Runner, Feat
         seed_everything(cfg.seed)
         built = build_backbone(cfg.backbone)
         data = prepare(cfg.data, built.preprocess, str(tmp_path))
-        mode = MODES[cfg.mode.name]
-        model = make_model(built.model, mode, data.num_classes)
+        model = make_model(built.model, data.num_classes)
         features = FeatureCache(tmp_path / "cache", built)
-        return Runner(model, data, mode, cfg.trainer, cfg.seed, cfg.data.augment, features), features
+        runner = Runner(model, data, cfg.trainer, cfg.seed, cfg.data.augment, features)
+        runner.enter(cfg.mode.stages(cfg.trainer.epochs, cfg.optimizer.lr)[0])
+        return runner, features
 
     return _make
 
 
+def _features(features: FeatureCache, runner: Runner) -> torch.Tensor:
+    """What Runner.fit asks the cache for: the frozen backbone's output for every image."""
+    return features.features(
+        runner.model.backbone, runner.data, runner.compute_identity(), runner.extract_features
+    )
+
+
 def _hit(make_runner: Callable[..., tuple[Runner, FeatureCache]], *overrides: str) -> bool:
     runner, features = make_runner(*overrides)
-    features.features(runner)
+    _features(features, runner)
     assert features.lookup is not None
     return features.lookup.hit
 
@@ -76,9 +84,9 @@ def test_what_the_key_holds(make_runner) -> None:
 def test_cached_features_equal_computed_ones(make_runner) -> None:
     runner, features = make_runner(*PRETRAINED)
     computed = runner.extract_features()
-    assert torch.equal(features.features(runner), computed)  # miss: stored
+    assert torch.equal(_features(features, runner), computed)  # miss: stored
     runner, features = make_runner(*PRETRAINED, "seed=5")
-    assert torch.equal(features.features(runner), computed) and features.lookup.hit
+    assert torch.equal(_features(features, runner), computed) and features.lookup.hit
 
 
 def _entry(tmp_path: Path) -> Path:
@@ -89,7 +97,7 @@ def _entry(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("damage", ["truncated", "old_format", "wrong_shape", "other_key"])
 def test_a_bad_entry_is_logged_and_rebuilt(make_runner, tmp_path: Path, caplog, damage: str) -> None:
     runner, features = make_runner(*PRETRAINED)
-    good = features.features(runner).cpu()
+    good = _features(features, runner).cpu()
     entry = _entry(tmp_path)
     header = {"format": str(cache.CACHE_FORMAT), "key": "{}", "meta": "{}"}
     if damage == "truncated":
@@ -97,7 +105,7 @@ def test_a_bad_entry_is_logged_and_rebuilt(make_runner, tmp_path: Path, caplog, 
     elif damage == "old_format":
         save_file({"features": good}, entry, metadata={**header, "format": "0"})
     else:
-        key = cache.feature_key(runner.model.backbone, features.built, runner)
+        key = cache.feature_key(runner.model.backbone, features.built, runner.data, runner.compute_identity())
         rows = good[:-1] if damage == "wrong_shape" else good
         stored = key if damage == "wrong_shape" else {**key, "format": -1}
         save_file(
@@ -106,11 +114,11 @@ def test_a_bad_entry_is_logged_and_rebuilt(make_runner, tmp_path: Path, caplog, 
 
     caplog.set_level(logging.WARNING, logger="transferlab.cache")
     runner, features = make_runner(*PRETRAINED)
-    rebuilt = features.features(runner).cpu()
+    rebuilt = _features(features, runner).cpu()
     assert not features.lookup.hit and torch.equal(rebuilt, good)
     assert "unusable" in caplog.text and entry.name in caplog.text
     runner, features = make_runner(*PRETRAINED)
-    features.features(runner)
+    _features(features, runner)
     assert features.lookup.hit  # the rebuilt entry is good
 
 

@@ -10,7 +10,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from transferlab.config import (
+from transferlab.schemas import (
+    MODE_SCHEMAS,
     AdamConfig,
     ConfigError,
     ElpvDataConfig,
@@ -20,7 +21,6 @@ from transferlab.config import (
     TrainConfig,
     to_typed,
 )
-from transferlab.modes import MODES
 
 from .conftest import CONF_DIR
 
@@ -189,7 +189,7 @@ def test_cli_help_and_cfg_job(run_cli, capsys) -> None:
     ):
         assert text in helped.stdout, text
     mode_line = next(line for line in helped.stdout.splitlines() if line.startswith("mode: "))
-    assert set(MODES) <= set(mode_line.removeprefix("mode: ").split(", "))
+    assert set(MODE_SCHEMAS) <= set(mode_line.removeprefix("mode: ").split(", "))
     capsys.readouterr()
     assert run_cli("--cfg", "job", "mode=full_finetune") == 0
     shown = capsys.readouterr().out

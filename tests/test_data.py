@@ -9,14 +9,14 @@ import pytest
 from PIL import Image
 
 from transferlab.backbones import Preprocess
-from transferlab.config import (
+from transferlab.data import load_raw, make_splits, prepare
+from transferlab.schemas import (
     ConfigError,
     ElpvDataConfig,
     ImageFolderDataConfig,
     SyntheticDataConfig,
     TorchvisionDataConfig,
 )
-from transferlab.data import load_raw, make_splits, prepare
 
 SMALL = Preprocess(resize=36, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
 

@@ -21,7 +21,12 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from transferlab.backbones import build_backbone, split_head
-from transferlab.config import (
+from transferlab.data import prepare
+from transferlab.engine import Runner
+from transferlab.modes import count_parameters, find_stages, freeze, make_model
+from transferlab.optim import layer_decay_groups, param_groups
+from transferlab.schemas import (
+    MODE_SCHEMAS,
     AdamConfig,
     BackboneConfig,
     FinetuneModeConfig,
@@ -31,18 +36,6 @@ from transferlab.config import (
     SyntheticDataConfig,
     TrainerConfig,
 )
-from transferlab.data import prepare
-from transferlab.engine import Runner
-from transferlab.modes import (
-    MODES,
-    count_parameters,
-    enter_stage,
-    find_stages,
-    make_model,
-    schedule,
-    set_train_mode,
-)
-from transferlab.optim import layer_decay_groups, param_groups
 
 from .conftest import CONF_DIR, TINY, runs_in
 
@@ -82,18 +75,21 @@ def _mode(name: str, **kw) -> ModeConfig:
         "partial": PartialModeConfig,
         "lp_ft": LpFtModeConfig,
     }[name]
+    assert MODE_SCHEMAS[name] is schema
     return schema(name=name, lr=1e-2, **kw)
 
 
 def _model(backbone: str, seed: int = 0):
     torch.manual_seed(seed)
     built = build_backbone(BACKBONES[backbone])
-    return make_model(built.model, MODES["feature_extract"], NUM_CLASSES), built
+    return make_model(built.model, NUM_CLASSES), built
 
 
-def _runner(model, built, mode, seed: int = 0) -> Runner:
+def _runner(model, built, stage, seed: int = 0) -> Runner:
     data = prepare(SyntheticDataConfig(num_classes=NUM_CLASSES, images_per_class=12), built.preprocess, "")
-    return Runner(model, data, mode, TrainerConfig(epochs=1, batch_size=8, progress=False), seed, False)
+    runner = Runner(model, data, TrainerConfig(epochs=1, batch_size=8, progress=False), seed, False)
+    runner.enter(stage)
+    return runner
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -137,16 +133,16 @@ def test_trainable_parameter_counts_per_mode(backbone: str) -> None:
         ("full_finetune", (("batchnorm", "frozen"),)): total - bn,
     }
     for (name, options), count in expected.items():
-        (stage,) = schedule(_mode(name, **dict(options)), 1, 1e-2)
-        mode = enter_stage(model, stage)
+        (stage,) = _mode(name, **dict(options)).stages(1, 1e-2)
+        mode = freeze(model, stage)
         assert count_parameters(model, lambda p: p.requires_grad) == count, (name, options)
         assert mode.trains_backbone is (name != "feature_extract")
-    probe, finetune = schedule(_mode("lp_ft"), 1, 1e-4)  # BatchNorm frozen by default in lp_ft
-    enter_stage(model, probe)
+    probe, finetune = _mode("lp_ft").stages(1, 1e-4)  # BatchNorm frozen by default in lp_ft
+    freeze(model, probe)
     assert count_parameters(model, lambda p: p.requires_grad) == head
-    enter_stage(model, finetune)
+    freeze(model, finetune)
     assert count_parameters(model, lambda p: p.requires_grad) == total - bn
-    enter_stage(model, schedule(_mode("lp_ft", batchnorm="train"), 1, 1e-4)[1])
+    freeze(model, _mode("lp_ft", batchnorm="train").stages(1, 1e-4)[1])
     assert count_parameters(model, lambda p: p.requires_grad) == total
     if backbone == "test_vit":
         assert bn == 0  # no BatchNorm: the policy has nothing to freeze
@@ -161,15 +157,15 @@ def test_partial_changes_exactly_the_chosen_stages(backbone: str, batchnorm: str
     """With batchnorm=frozen on resnet18: timm's random init zeroes each block's last BN weight, and
     a frozen zero there would (correctly) stop every gradient into the block; torchvision's does not."""
     model, built = _model(backbone)
-    (stage,) = schedule(_mode("partial", trainable_stages=2, batchnorm=batchnorm), 1, 1e-2)
-    mode = enter_stage(model, stage)
+    (stage,) = _mode("partial", trainable_stages=2, batchnorm=batchnorm).stages(1, 1e-2)
+    mode = freeze(model, stage)
     labels = STAGES[backbone][0]
     assert mode.trainable == tuple(labels[-2:])
-    runner = _runner(model, built, mode)
+    runner = _runner(model, built, stage)
     optimizer = instantiate(AdamConfig(lr=1e-2))(param_groups(model, stage, 0.0))
     before = _snapshot(model.backbone)
 
-    set_train_mode(model, mode)  # what the engine does every epoch
+    freeze(model, stage)  # what the engine does every epoch
     for name, module in model.backbone.named_modules():
         if name and next(module.parameters(recurse=False), None) is not None:
             trains = any(_in(name, label) for label in labels[-2:]) and not (
@@ -192,17 +188,17 @@ def test_partial_changes_exactly_the_chosen_stages(backbone: str, batchnorm: str
 @pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet"])  # timm BatchNormAct2d, BatchNorm2d
 def test_batchnorm_frozen_means_eval_mode_and_no_gradient(backbone: str) -> None:
     model, built = _model(backbone)
-    (stage,) = schedule(_mode("full_finetune", batchnorm="frozen"), 1, 1e-2)
-    mode = enter_stage(model, stage)
+    (stage,) = _mode("full_finetune", batchnorm="frozen").stages(1, 1e-2)
+    freeze(model, stage)
     optimizer = instantiate(AdamConfig(lr=1e-2))(param_groups(model, stage, 0.0))
     optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
     bns = {n: m for n, m in model.backbone.named_modules() if _is_bn(m)}
     assert bns and all(id(p) not in optimized for m in bns.values() for p in m.parameters())
-    set_train_mode(model, mode)
+    freeze(model, stage)
     assert not any(m.training for m in bns.values())
     assert model.backbone.training  # the rest trains
     before = _snapshot(model.backbone)
-    _runner(model, built, mode).fit(optimizer, 1, lambda row, step: None)
+    _runner(model, built, stage).fit(optimizer, 1, lambda row, step: None)
     after = model.backbone.state_dict()
     for key in after:
         owner = key.rsplit(".", 1)[0]
@@ -213,11 +209,11 @@ def test_batchnorm_frozen_means_eval_mode_and_no_gradient(backbone: str) -> None
 
 def test_batchnorm_train_updates_running_statistics() -> None:
     model, built = _model("test_resnet")
-    (stage,) = schedule(_mode("full_finetune", batchnorm="train"), 1, 1e-2)
-    mode = enter_stage(model, stage)
+    (stage,) = _mode("full_finetune", batchnorm="train").stages(1, 1e-2)
+    freeze(model, stage)
     before = _snapshot(model.backbone)
     optimizer = instantiate(AdamConfig(lr=1e-2))(param_groups(model, stage, 0.0))
-    _runner(model, built, mode).fit(optimizer, 1, lambda row, step: None)
+    _runner(model, built, stage).fit(optimizer, 1, lambda row, step: None)
     changed = [
         k
         for k, v in model.backbone.state_dict().items()
@@ -239,14 +235,14 @@ def _lrs(model: nn.Module, groups: list[dict]) -> dict[str, float]:
 @pytest.mark.parametrize("backbone", ["test_vit", "resnet18"])
 def test_backbone_lr_scale_and_layer_decay(backbone: str) -> None:
     model, _ = _model(backbone)
-    (stage,) = schedule(_mode("full_finetune", backbone_lr_scale=0.1), 1, 1e-3)
-    enter_stage(model, stage)
+    (stage,) = _mode("full_finetune", backbone_lr_scale=0.1).stages(1, 1e-3)
+    freeze(model, stage)
     lrs = _lrs(model, param_groups(model, stage, 0.0))
     assert set(lrs) == {n for n, p in model.named_parameters() if p.requires_grad}
     assert {lr for n, lr in lrs.items() if n.startswith("head.")} == {1e-3}
     assert all(lr == pytest.approx(1e-4) for n, lr in lrs.items() if n.startswith("backbone."))
 
-    (stage,) = schedule(_mode("full_finetune", backbone_lr_scale=0.1, layer_decay=0.5), 1, 1e-3)
+    (stage,) = _mode("full_finetune", backbone_lr_scale=0.1, layer_decay=0.5).stages(1, 1e-3)
     groups = param_groups(model, stage, 0.05)
     lrs = _lrs(model, groups)
     # The top layer runs at lr x backbone_lr_scale; each layer below at half the one above.
@@ -285,8 +281,8 @@ def test_structural_layer_decay_matches_timms_helper() -> None:
 
 def test_partial_with_layer_decay_optimizes_only_the_trained_stages() -> None:
     model, _ = _model("test_efficientnet")
-    (stage,) = schedule(_mode("partial", trainable_stages=1, layer_decay=0.8), 1, 1e-3)
-    enter_stage(model, stage)
+    (stage,) = _mode("partial", trainable_stages=1, layer_decay=0.8).stages(1, 1e-3)
+    freeze(model, stage)
     lrs = _lrs(model, param_groups(model, stage, 0.0))
     assert set(lrs) == {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(
@@ -392,7 +388,7 @@ def test_the_elpv_dial_experiment_composes_and_runs_a_tiny_step(run_cli, store, 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[_experiment("elpv_dial")], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert set(params.mode.split(",")) == set(MODES)
+    assert set(params.mode.split(",")) == set(MODE_SCHEMAS)
     assert params.backbone.split(",") == [f"efficientnet_lite{i}" for i in range(3)]
     assert params.seed == "0,1,2" and cfg.data.name == "elpv" and cfg.mlflow.experiment_name == "elpv_dial"
     # One tiny step of its most involved arm, on generated data (the command line wins).

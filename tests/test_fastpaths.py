@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from transferlab.backbones import build_backbone
-from transferlab.config import to_typed
 from transferlab.data import prepare
 from transferlab.engine import Runner
-from transferlab.modes import MODES, make_model
+from transferlab.modes import make_model
+from transferlab.schemas import to_typed
 from transferlab.train import seed_everything
 
 from .conftest import TINY
@@ -32,9 +32,10 @@ def _runner(compose_cfg, *overrides: str) -> Runner:
     seed_everything(cfg.seed)
     built = build_backbone(cfg.backbone)
     data = prepare(cfg.data, built.preprocess, "")
-    mode = MODES[cfg.mode.name]
-    model = make_model(built.model, mode, data.num_classes)
-    return Runner(model, data, mode, cfg.trainer, cfg.seed, cfg.data.augment)
+    model = make_model(built.model, data.num_classes)
+    runner = Runner(model, data, cfg.trainer, cfg.seed, cfg.data.augment)
+    runner.enter(cfg.mode.stages(cfg.trainer.epochs, cfg.optimizer.lr)[-1])
+    return runner
 
 
 # Fine-tuning backpropagates through both layouts (oneDNN builds kernels per layout): minutes on 2 cores.
@@ -61,7 +62,7 @@ def test_channels_last_predicts_as_the_plain_layout(compose_cfg, mode: str) -> N
 
 
 def test_gpu_check_imports_without_mlflow() -> None:
-    """A bare CUDA machine has torch and timm but often not the tracker (the lent H100 had none):
+    """A bare CUDA machine has torch and timm but often not the tracker (the NVIDIA H100 80GB machine of the 2026-11-26 GPU record, commit bf9371d, had none):
     the GPU check, the engine and the caches must import without MLflow."""
     script = ROOT / "experiments/benchmarks/gpu_check.py"
     code = f"import sys, runpy; sys.modules['mlflow'] = None; runpy.run_path({str(script)!r})"

@@ -7,10 +7,22 @@ import torch
 from hydra.utils import instantiate
 
 from transferlab.backbones import build_backbone
-from transferlab.config import AdamConfig, BackboneConfig, SyntheticDataConfig, TrainerConfig
 from transferlab.data import prepare
 from transferlab.engine import Runner, training_batches
-from transferlab.modes import MODES, count_parameters, make_model, set_train_mode, trainable_parameters
+from transferlab.modes import count_parameters, freeze, make_model, trainable_parameters
+from transferlab.schemas import (
+    MODE_SCHEMAS,
+    AdamConfig,
+    BackboneConfig,
+    Stage,
+    SyntheticDataConfig,
+    TrainerConfig,
+)
+
+
+def _stage(mode_name: str) -> Stage:
+    """The stage that trains the most of ``mode_name`` (its last), at the mode's defaults."""
+    return MODE_SCHEMAS[mode_name](name=mode_name, lr=1e-2).stages(1, 1e-2)[-1]
 
 
 def _setup(mode_name: str, augment: bool = False, num_classes: int = 3, seed: int = 0):
@@ -23,11 +35,11 @@ def _setup(mode_name: str, augment: bool = False, num_classes: int = 3, seed: in
         built.preprocess,
         "",
     )
-    mode = MODES[mode_name]
-    model = make_model(built.model, mode, data.num_classes)
+    model = make_model(built.model, data.num_classes)
+    runner = Runner(model, data, TrainerConfig(epochs=2, batch_size=8, progress=False), seed, augment)
+    runner.enter(_stage(mode_name))
     lr = 1e-2  # large enough that a step visibly moves every trained tensor
     optimizer = instantiate(AdamConfig(lr=lr))(trainable_parameters(model))
-    runner = Runner(model, data, mode, TrainerConfig(epochs=2, batch_size=8, progress=False), seed, augment)
     return model, optimizer, runner, data
 
 
@@ -83,10 +95,10 @@ def test_full_finetune_trains_everything() -> None:
 
 def test_train_mode_keeps_a_frozen_backbone_in_eval() -> None:
     model, _, _, _ = _setup("feature_extract")
-    set_train_mode(model, MODES["feature_extract"])
+    freeze(model, _stage("feature_extract"))
     assert model.head.training and not model.backbone.training
     assert not any(m.training for m in model.backbone.modules())
-    set_train_mode(model, MODES["full_finetune"])
+    freeze(model, _stage("full_finetune"))
     assert all(m.training for m in model.modules())
 
 
@@ -94,7 +106,7 @@ def test_inference_runs_in_eval_mode_and_is_deterministic() -> None:
     """Gotcha: model.eval() for inference, so BatchNorm and dropout do not wobble the numbers."""
     model, optimizer, runner, data = _setup("full_finetune")
     runner.fit(optimizer, 1, lambda row, step: None)
-    set_train_mode(model, MODES["full_finetune"])  # leave it in train mode on purpose
+    freeze(model, _stage("full_finetune"))  # leave it in train mode on purpose
     before = _snapshot(model)
     first = runner.predict(data.splits.test)
     assert not model.training
@@ -135,11 +147,10 @@ def test_a_last_batch_of_one_image_does_not_crash_batchnorm() -> None:
     data = prepare(SyntheticDataConfig(num_classes=2, images_per_class=16), built.preprocess, "")
     data.splits.train = data.splits.train[:17]
     assert len(data.splits.train) == 17
-    model = make_model(built.model, MODES["full_finetune"], data.num_classes)
+    model = make_model(built.model, data.num_classes)
+    runner = Runner(model, data, TrainerConfig(batch_size=8, progress=False), 0, False)
+    runner.enter(_stage("full_finetune"))
     optimizer = instantiate(AdamConfig(lr=1e-3))(trainable_parameters(model))
-    runner = Runner(
-        model, data, MODES["full_finetune"], TrainerConfig(batch_size=8, progress=False), 0, False
-    )
     fit = runner.fit(optimizer, 1, lambda row, step: None)
     assert fit.history[0]["train_accuracy"] * 17 == round(fit.history[0]["train_accuracy"] * 17)
     assert [len(b) for b in training_batches(torch.arange(17), 8)] == [8, 9]

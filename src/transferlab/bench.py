@@ -37,9 +37,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from transferlab.backbones import build_backbone
 from transferlab.cache import prepare_cached
-from transferlab.config import BackboneConfig, ElpvDataConfig
 from transferlab.data import PreparedData, normalize
 from transferlab.engine import select_device
+from transferlab.schemas import BackboneConfig, ElpvDataConfig
 
 BACKBONE = BackboneConfig(name="efficientnet_lite0", source="bundled", weights="imagenet")
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,19 +36,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from transferlab.backbones import BuiltBackbone, Preprocess
-from transferlab.config import (
-    ConfigError,
-    DataConfig,
-    ElpvDataConfig,
-    ImageFolderDataConfig,
-    TorchvisionDataConfig,
-)
-from transferlab.data import PreparedData, Splits, listing_sha256, prepare
+from transferlab.data import PreparedData, Splits, prepare
+from transferlab.schemas import ConfigError, DataConfig
+from transferlab.sources.registry import source_for
 from transferlab.validate import BadImage
 from transferlab.versions import package_versions
-
-if TYPE_CHECKING:
-    from transferlab.engine import Runner
 
 log = logging.getLogger("transferlab.cache")
 
@@ -194,14 +186,19 @@ class FeatureCache:
     built: BuiltBackbone
     lookup: Lookup | None = field(default=None, init=False)
 
-    def features(self, runner: Runner) -> torch.Tensor:
-        """The backbone output for every image of ``runner.data``: from disk, or computed once and stored."""
-        key = feature_key(runner.model.backbone, self.built, runner)
-        rows = len(runner.data.labels)
+    def features(
+        self, backbone: nn.Module, data: PreparedData, compute: Meta, extract: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """The backbone output for every image of ``data``: from disk, or ``extract()``-ed once and stored.
 
-        def compute() -> tuple[Tensors, Meta]:
+        ``compute``: how the caller runs the backbone (device type, dtype, layout, batch size).
+        """
+        key = feature_key(backbone, self.built, data, compute)
+        rows = len(data.labels)
+
+        def produce() -> tuple[Tensors, Meta]:
             log.info("feature cache miss: running the frozen backbone once over %d images", rows)
-            return {"features": runner.extract_features().cpu()}, {"dataset": runner.data.name}
+            return {"features": extract().cpu()}, {"dataset": data.name}
 
         def check(tensors: Tensors, meta: Meta) -> str | None:
             feats = tensors.get("features")
@@ -212,21 +209,20 @@ class FeatureCache:
                 return "features are not finite float32"
             return None
 
-        self.lookup = TensorStore(self.root, "features").get_or_compute(key, compute, check)
+        self.lookup = TensorStore(self.root, "features").get_or_compute(key, produce, check)
         if self.lookup.hit:
             log.info("feature cache hit: %s (%.1f s to load)", self.lookup.path, self.lookup.seconds)
-        return self.lookup.tensors["features"].to(runner.device)
+        return self.lookup.tensors["features"]
 
 
-def feature_key(backbone: nn.Module, built: BuiltBackbone, runner: Runner) -> Meta:
+def feature_key(backbone: nn.Module, built: BuiltBackbone, data: PreparedData, compute: Meta) -> Meta:
     """Everything that decides the features, and nothing that does not (lr, optimizer, seed, epochs, split).
 
     The backbone is identified by the sha256 of its state as it runs, which covers pretrained weights
     and random init (whose values depend on the seed) alike. The computation's dtype, device type,
-    memory layout and batch size are part of it because each can change the float results: a run
-    that hits the cache is bit-identical to one that computes the features itself.
+    memory layout and batch size (``compute``) are part of it because each can change the float
+    results: a run that hits the cache is bit-identical to one that computes the features itself.
     """
-    data, cfg = runner.data, runner.cfg
     return {
         "kind": "features",
         "format": CACHE_FORMAT,
@@ -241,13 +237,7 @@ def feature_key(backbone: nn.Module, built: BuiltBackbone, runner: Runner) -> Me
             "shape": list(data.images.shape),
             "preprocess": asdict(data.preprocess),
         },
-        "compute": {
-            "device": runner.device.type,
-            "dtype": str(runner.precision.dtype) if runner.precision.enabled else "torch.float32",
-            "channels_last": cfg.channels_last,
-            "batch_size": cfg.batch_size,
-            **package_versions(("torch", "torchvision", "timm")),
-        },
+        "compute": {**compute, **package_versions(("torch", "torchvision", "timm"))},
     }
 
 
@@ -257,22 +247,7 @@ def feature_key(backbone: nn.Module, built: BuiltBackbone, runner: Runner) -> Me
 
 def source_identity(cfg: DataConfig, data_dir: str) -> Meta | None:
     """What the decoded images come from, computed without decoding; None: not cacheable."""
-    if isinstance(cfg, ElpvDataConfig):
-        import elpv_dataset
-
-        root = Path(elpv_dataset.__file__).parent / "data"
-        package = package_versions(("elpv-dataset",))
-    elif isinstance(cfg, ImageFolderDataConfig):
-        root, package = Path(str(cfg.root)).expanduser().resolve(), {}
-    elif isinstance(cfg, TorchvisionDataConfig):
-        root = Path(cfg.root or Path(data_dir) / cfg.name).expanduser().resolve()
-        package = package_versions(("torchvision",))
-        if not root.is_dir():  # not downloaded yet: the next run caches it
-            return None
-    else:  # generated in memory (synthetic): as fast to make as to load
-        return None
-    files, count = listing_sha256(root)
-    return {"root": str(root), "files_sha256": files, "files": count, **package}
+    return source_for(cfg).identity(cfg, data_dir)
 
 
 def input_key(cfg: DataConfig, pre: Preprocess, identity: Meta) -> Meta:

@@ -37,8 +37,8 @@ try:
 except ImportError:  # Windows: no flock; one run per config is then the user's to ensure
     fcntl = None  # type: ignore[assignment]
 
-from transferlab.config import ConfigError, TrainConfig, config_hash
 from transferlab.engine import FitState, Runner, StopRequested
+from transferlab.schemas import ConfigError, TrainConfig, config_hash
 
 log = logging.getLogger("transferlab.checkpoint")
 FORMAT = 1

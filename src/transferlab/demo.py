@@ -16,7 +16,7 @@ import uuid
 
 import mlflow
 
-from transferlab.config import repo_root
+from transferlab.schemas import repo_root
 
 EXPERIMENT = "demo_elpv_fe_vs_ft"
 MODES = {"feature_extract": 30, "full_finetune": 3}  # mode -> epochs

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,12 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from transferlab.backbones import TransferModel
-from transferlab.config import TrainerConfig
+from transferlab.cache import FeatureCache
 from transferlab.data import PreparedData, augment, normalize
-from transferlab.modes import Mode, set_train_mode
-
-if TYPE_CHECKING:
-    from transferlab.cache import FeatureCache
+from transferlab.modes import Trainable, freeze
+from transferlab.schemas import Stage, TrainerConfig
 
 MetricLogger = Callable[[dict[str, float], int], None]
 
@@ -138,22 +135,23 @@ def training_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]
 
 
 class Runner:
-    """Runs batches of a :class:`TransferModel` over :class:`PreparedData` on one device."""
+    """Runs batches of a :class:`TransferModel` over :class:`PreparedData` on one device.
+
+    Built once per run; each stage of the run is one :meth:`fit`, and what trains in it is decided
+    by :func:`transferlab.modes.freeze` from the stage.
+    """
 
     def __init__(
         self,
         model: TransferModel,
         data: PreparedData,
-        mode: Mode,
         cfg: TrainerConfig,
         seed: int,
         augment_inputs: bool,
         feature_cache: FeatureCache | None = None,
     ) -> None:
-        self.model, self.data, self.mode, self.cfg = model, data, mode, cfg
+        self.model, self.data, self.cfg, self.seed = model, data, cfg, seed
         self.augment_inputs = augment_inputs
-        # A frozen backbone on un-augmented inputs maps each image to one fixed feature vector.
-        self.frozen_features = not mode.trains_backbone and not augment_inputs
         self.device = select_device(cfg.device)
         self.precision = Precision.for_device(self.device, cfg.amp)
         # channels_last pays off for convolutions; it is a no-op layout hint for ViTs.
@@ -165,7 +163,34 @@ class Runner:
         self.pin_memory = cfg.pin_memory and self.device.type == "cuda"
         self.feature_cache = feature_cache
         self.generator = torch.Generator().manual_seed(seed)  # data order and augmentation only
+        self.stage: Stage | None = None
+        self.trainable = Trainable(trains_backbone=False)
         self.features: torch.Tensor | None = None
+
+    def enter(self, stage: Stage) -> Trainable:
+        """Start a stage: freeze what it does not train, and seed its data order afresh.
+
+        Each stage draws its data order from ``seed`` as if it were a run of its own (a resume then
+        restores the generator from the checkpoint). A frozen backbone on un-augmented inputs maps
+        each image to one fixed feature vector: those stages train the head on features computed once.
+        """
+        self.stage, self.features = stage, None
+        self.generator.manual_seed(self.seed)
+        self.trainable = freeze(self.model, stage)
+        return self.trainable
+
+    @property
+    def frozen_features(self) -> bool:
+        return not self.trainable.trains_backbone and not self.augment_inputs
+
+    def compute_identity(self) -> dict[str, object]:
+        """How this runner computes backbone outputs: part of the feature cache's key."""
+        return {
+            "device": self.device.type,
+            "dtype": str(self.precision.dtype) if self.precision.enabled else "torch.float32",
+            "channels_last": self.cfg.channels_last,
+            "batch_size": self.cfg.batch_size,
+        }
 
     # -- inputs --------------------------------------------------------------------------------
     def _inputs(self, idx: torch.Tensor, train: bool) -> torch.Tensor:
@@ -182,8 +207,8 @@ class Runner:
 
     @torch.inference_mode()
     def extract_features(self) -> torch.Tensor:
-        """Backbone output for every image, once. The backbone is in eval mode: BN stats untouched."""
-        self.model.backbone.eval()
+        """Backbone output for every image, once, in eval mode (inference: BN stats untouched)."""
+        self.model.eval()
         order = torch.arange(len(self.data.labels))
         chunks = []
         for idx in order.split(self.cfg.batch_size):
@@ -201,9 +226,8 @@ class Runner:
         self, optimizer: torch.optim.Optimizer, state: FitState, should_stop: Callable[[], bool]
     ) -> dict[str, float]:
         """Train from ``state.step`` of epoch ``state.epoch`` to its end (all of it unless resuming)."""
-        set_train_mode(self.model, self.mode)
-        if self.features is not None:
-            self.model.backbone.eval()
+        assert self.stage is not None, "Runner.enter(stage) comes first"
+        freeze(self.model, self.stage)  # evaluation left everything in eval mode
         if state.order is None:  # a new epoch: draw its data order (a resumed one keeps its own)
             train_idx = torch.from_numpy(self.data.splits.train)
             state.order = train_idx[torch.randperm(len(train_idx), generator=self.generator)]
@@ -303,7 +327,9 @@ class Runner:
             if self.feature_cache is None:
                 self.features = self.extract_features()
             else:  # computed once per key on disk, shared with every other run and sweep job
-                self.features = self.feature_cache.features(self)
+                self.features = self.feature_cache.features(
+                    self.model.backbone, self.data, self.compute_identity(), self.extract_features
+                ).to(self.device)
             feature_seconds = time.perf_counter() - start
         state = state or FitState(epoch=start_epoch)
         cache_hit = None
@@ -322,7 +348,7 @@ class Runner:
                     state.best_value = val[self.cfg.monitor]
                     state.best_epoch = state.epoch
                     # Only what trains can differ from the start; a frozen backbone is not copied.
-                    module = self.model if self.mode.trains_backbone else self.model.head
+                    module = self.model if self.trainable.trains_backbone else self.model.head
                     state.best_state = copy.deepcopy(module.state_dict())
                 state.next_epoch()
                 if checkpoint is not None:
@@ -341,5 +367,5 @@ class Runner:
         )
 
     def load_best(self, result: FitResult) -> None:
-        module = self.model if self.mode.trains_backbone else self.model.head
+        module = self.model if self.trainable.trains_backbone else self.model.head
         module.load_state_dict(result.best_state)

@@ -1,11 +1,12 @@
-"""Where a run sits on the dial between feature extraction and full fine-tuning.
+"""Where a run sits on the dial between feature extraction and full fine-tuning, and what that freezes.
 
-A mode decides two things, explicitly and in one place: which parameters get gradients, and which
-modules run in train mode. "Frozen" here means bit-identical: a frozen module has no gradients
-*and* stays in eval mode, so BatchNorm running statistics are never updated (the seed article's
-loop calls ``model.train()`` on the whole model and silently changes them).
+:func:`freeze` is the one place that decides which parameters get gradients and which modules run
+in train mode, from a :class:`~transferlab.schemas.mode.Stage` alone. "Frozen" here means
+bit-identical: a frozen module has no gradients *and* stays in eval mode, so BatchNorm running
+statistics are never updated (the seed article's loop calls ``model.train()`` on the whole model and
+silently changes them).
 
-The dial, as config (``conf/mode/``):
+The dial, as config (``conf/mode/``, schemas in :mod:`transferlab.schemas.mode`):
 
 - ``feature_extract``: the backbone is frozen, only the new head trains.
 - ``partial``: the last ``mode.trainable_stages`` stages of the backbone train, the rest is frozen.
@@ -13,10 +14,10 @@ The dial, as config (``conf/mode/``):
   from that head (Kumar et al., ICLR 2022).
 - ``full_finetune``: everything trains.
 
-A run is a list of :class:`Stage` (one, or two for ``lp_ft``); ``enter_stage`` sets gradients and
-returns the resolved :class:`Mode` the engine trains with. Stages of a backbone (stem, ResNet
-``layer1..4``, EfficientNet ``blocks.N``, ViT ``blocks.N``) come from timm's own ``group_matcher``
-for timm models and from the model's structure for torchvision ones.
+A mode's schema lists the stages of a run (``cfg.mode.stages(epochs, lr)``: one, or two for
+``lp_ft``). Stages of a backbone (stem, ResNet ``layer1..4``, EfficientNet ``blocks.N``, ViT
+``blocks.N``) come from timm's own ``group_matcher`` for timm models and from the model's structure
+for torchvision ones.
 """
 
 from __future__ import annotations
@@ -32,73 +33,21 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from transferlab.backbones import TransferModel, split_head
-from transferlab.config import ConfigError, FinetuneModeConfig, LpFtModeConfig, ModeConfig, PartialModeConfig
+from transferlab.schemas import ALL_STAGES, ConfigError, ModeConfig, Stage
 
-
-@dataclass(frozen=True)
-class Mode:
-    """What the engine needs: does any backbone parameter train, and what stays in eval mode."""
-
-    name: str
-    trains_backbone: bool
-    # Backbone submodules kept in eval mode while the rest trains (frozen stages, frozen BatchNorm).
-    eval_modules: tuple[str, ...] = ()
-    # Labels of the backbone stages that train (for the log); () when the backbone is frozen.
-    trainable: tuple[str, ...] = ()
-
-
-# The registry of mode names (config validation reads it). Each entry is the mode at its most
-# trained; ``enter_stage`` resolves what actually trains in each stage of a run.
-MODES: dict[str, Mode] = {
-    "feature_extract": Mode("feature_extract", trains_backbone=False),
-    "partial": Mode("partial", trains_backbone=True),
-    "lp_ft": Mode("lp_ft", trains_backbone=True),
-    "full_finetune": Mode("full_finetune", trains_backbone=True),
-}
-ALL_STAGES = -1  # Stage.trainable_stages: the whole backbone
 # timm's matcher suffix for "belongs to the group before" (timm.models._manipulate.MATCH_PREV_GROUP).
 MATCH_PREV_GROUP = (99999,)
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One fit of a run: what trains, at which learning rates, for how many epochs."""
+class Trainable:
+    """What :func:`freeze` decided for a stage, for the engine and the log."""
 
-    name: str
-    epochs: int
-    first_step: int  # MLflow step of its first epoch (stages follow each other on one axis)
-    lr: float  # the head's; backbone groups scale it
-    trainable_stages: int  # 0: frozen backbone; ALL_STAGES: all of it; k: the last k stages
-    backbone_lr_scale: float = 1.0
-    layer_decay: float | None = None
-    batchnorm: str = "train"
-
-    @property
-    def trains_backbone(self) -> bool:
-        return self.trainable_stages != 0
-
-    @property
-    def end(self) -> int:
-        """The step after its last epoch: the next stage's ``first_step``."""
-        return self.first_step + self.epochs
-
-
-def schedule(cfg: ModeConfig, epochs: int, lr: float) -> list[Stage]:
-    """The stages of a run. ``epochs`` (trainer.epochs) counts the stage that trains the backbone:
-    lp_ft adds its cheap probe epochs in front, so lp_ft and full_finetune fine-tune equally long."""
-    if not isinstance(cfg, FinetuneModeConfig):
-        return [Stage(cfg.name, epochs, 0, lr, trainable_stages=0)]
-    tuning = {
-        "backbone_lr_scale": cfg.backbone_lr_scale,
-        "layer_decay": cfg.layer_decay,
-        "batchnorm": cfg.batchnorm,
-    }
-    if isinstance(cfg, PartialModeConfig):
-        return [Stage(cfg.name, epochs, 0, lr, cfg.trainable_stages, **tuning)]
-    if isinstance(cfg, LpFtModeConfig):
-        probe = Stage("probe", cfg.probe_epochs, 0, cfg.probe_lr, trainable_stages=0)
-        return [probe, Stage("finetune", epochs, cfg.probe_epochs, lr, ALL_STAGES, **tuning)]
-    return [Stage(cfg.name, epochs, 0, lr, ALL_STAGES, **tuning)]
+    trains_backbone: bool
+    # Backbone submodules kept in eval mode while the rest trains (frozen stages, frozen BatchNorm).
+    eval_modules: tuple[str, ...] = ()
+    # Labels of the backbone stages that train (for the log); () when the backbone is frozen.
+    trainable: tuple[str, ...] = ()
 
 
 # -- stages of a backbone -------------------------------------------------------------------------
@@ -190,29 +139,23 @@ def find_stages(backbone: nn.Module) -> BackboneStages:
 
 
 def check_stages(cfg: ModeConfig, network: nn.Module, backbone_name: str) -> None:
-    """Pre-flight for ``mode=partial``: the backbone has at least ``trainable_stages`` stages."""
-    if isinstance(cfg, PartialModeConfig):
-        # On a headless copy: what enter_stage will see (a head can look like a stage container).
+    """Pre-flight: the backbone has as many stages as any stage of the mode trains (``mode=partial``)."""
+    wanted = max((stage.trainable_stages for stage in cfg.stages(1, cfg.lr)), default=0)
+    if wanted > 0:
+        # On a headless copy: what freeze will see (a head can look like a stage container).
         stages = find_stages(split_head(copy.deepcopy(network))[0])
-        if cfg.trainable_stages > len(stages.labels):
+        if wanted > len(stages.labels):
             raise ConfigError(
                 "mode.trainable_stages",
-                f"{backbone_name} has {len(stages.labels)} stages ({', '.join(stages.labels)}), "
-                f"got {cfg.trainable_stages}",
+                f"{backbone_name} has {len(stages.labels)} stages ({', '.join(stages.labels)}), got {wanted}",
                 f"use 1..{len(stages.labels)}, or mode=full_finetune to train them all",
             )
 
 
 # -- freezing ------------------------------------------------------------------------------------
-def freeze_backbone(backbone: nn.Module, mode: Mode) -> None:
-    """Set ``requires_grad`` on the backbone. Called *before* the new head exists."""
-    backbone.requires_grad_(mode.trains_backbone)
-
-
-def make_model(network: nn.Module, mode: Mode, num_classes: int) -> TransferModel:
-    """Freeze first, then swap the head: the new head arrives trainable, sized to the classes."""
+def make_model(network: nn.Module, num_classes: int) -> TransferModel:
+    """Swap the network's classifier for a new head sized to the classes (what trains: :func:`freeze`)."""
     backbone, width = split_head(network)
-    freeze_backbone(backbone, mode)
     return TransferModel(backbone, nn.Linear(width, num_classes))
 
 
@@ -228,14 +171,9 @@ def _frozen_modules(backbone: nn.Module) -> list[str]:
     return frozen
 
 
-def enter_stage(model: TransferModel, stage: Stage) -> Mode:
-    """Set which backbone parameters train in this stage; return the resolved :class:`Mode`.
-
-    Starts from a frozen backbone every time, so a stage's state never depends on the one before.
-    """
-    backbone = model.backbone
-    backbone.requires_grad_(False)
-    model.head.requires_grad_(True)
+def _set_gradients(backbone: nn.Module, stage: Stage) -> tuple[str, ...]:
+    """``requires_grad`` on the backbone for this stage; returns the labels of the stages that train."""
+    backbone.requires_grad_(False)  # from frozen every time: a stage never depends on the one before
     trainable: tuple[str, ...] = ()
     if stage.trainable_stages == ALL_STAGES:
         backbone.requires_grad_(True)
@@ -253,26 +191,38 @@ def enter_stage(model: TransferModel, stage: Stage) -> Mode:
             for name in names:
                 params[name].requires_grad_(True)
         trainable = tuple(stages.labels[-stage.trainable_stages :])
-    batchnorms = [name for name, m in backbone.named_modules() if isinstance(m, _BatchNorm)]
     if stage.trains_backbone and stage.batchnorm == "frozen":
-        for name in batchnorms:
-            backbone.get_submodule(name).requires_grad_(False)
+        for module in backbone.modules():
+            if isinstance(module, _BatchNorm):
+                module.requires_grad_(False)
+    return trainable
+
+
+def freeze(model: TransferModel, stage: Stage) -> Trainable:
+    """Decide what trains in ``stage``: set gradients *and* train/eval mode, and say what was set.
+
+    The head always trains. Backbone parameters get gradients per ``stage.trainable_stages``;
+    ``stage.batchnorm=frozen`` takes BatchNorm out of training. Then the model is put in train mode
+    except the parts with nothing to train (all of a frozen backbone, frozen stages, frozen BatchNorm),
+    which stay in eval mode. The engine calls this at the start of every training epoch (evaluation
+    puts the whole model in eval mode) and decides nothing itself.
+    """
+    backbone = model.backbone
+    model.head.requires_grad_(True)
+    labels = _set_gradients(backbone, stage)
     trains_backbone = any(p.requires_grad for p in backbone.parameters())
     eval_modules = _frozen_modules(backbone) if trains_backbone else []
     if trains_backbone and stage.batchnorm == "frozen":  # also BN without affine parameters
+        batchnorms = [name for name, m in backbone.named_modules() if isinstance(m, _BatchNorm)]
         eval_modules += [
             n for n in batchnorms if not any(n == f or n.startswith(f + ".") for f in eval_modules)
         ]
-    return Mode(stage.name, trains_backbone, tuple(eval_modules), trainable if trains_backbone else ())
-
-
-def set_train_mode(model: TransferModel, mode: Mode) -> None:
-    """``model.train()`` for the parts that learn; frozen parts (or all of the backbone) stay in eval."""
     model.train()
-    if not mode.trains_backbone:
-        model.backbone.eval()
-    for name in mode.eval_modules:
-        model.backbone.get_submodule(name).eval()
+    if not trains_backbone:
+        backbone.eval()
+    for name in eval_modules:
+        backbone.get_submodule(name).eval()
+    return Trainable(trains_backbone, tuple(eval_modules), labels if trains_backbone else ())
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -20,7 +20,8 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from transferlab.backbones import TransferModel
-from transferlab.modes import Stage, group_matcher
+from transferlab.modes import group_matcher
+from transferlab.schemas import Stage
 
 ParamGroup = dict[str, Any]
 

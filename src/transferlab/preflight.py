@@ -25,7 +25,7 @@ from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from transferlab.config import ConfigError, to_typed
+from transferlab.schemas import ConfigError, to_typed
 
 # Flags after which Hydra composes nothing or from another config tree: leave those to Hydra.
 _SKIP_FLAGS = ("help", "hydra_help", "shell_completion", "config_path", "config_dir", "experimental_rerun")

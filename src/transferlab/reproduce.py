@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.config import ConfigError, register_configs, semantic_config, to_typed
+from transferlab.schemas import ConfigError, register_configs, semantic_config, to_typed
 from transferlab.tracking import flatten
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"

@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from transferlab.config import ConfigError, MlflowConfig
+from transferlab.schemas import ConfigError, MlflowConfig
 
 log = logging.getLogger("transferlab.resilient")
 T = TypeVar("T")

@@ -42,7 +42,8 @@ from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.config import ConfigError, MlflowConfig, TrainConfig, config_hash
+from transferlab.schemas import ConfigError, MlflowConfig, TrainConfig, config_hash
+from transferlab.tracking import setup_experiment
 
 log = logging.getLogger("transferlab.sweep")
 
@@ -268,8 +269,6 @@ class MlflowSweepCallback(Callback):
     """Hydra callback: a multirun is one MLflow parent run (see the module docstring)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from transferlab.tracking import setup_experiment
-
         sweep_dir = str(config.hydra.sweep.dir)  # resolves ${now:} once; jobs get the cached value
         try:
             mlflow_cfg = _mlflow_config(config)

@@ -27,7 +27,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
 from transferlab import resilient
-from transferlab.config import ConfigError, MlflowConfig
+from transferlab.schemas import ConfigError, MlflowConfig
 from transferlab.versions import package_versions
 
 _log = logging.getLogger("transferlab.tracking")
@@ -308,7 +308,7 @@ def log_results(
 
 def log_stage(
     stage: Any,
-    mode: Any,
+    trainable: Any,
     groups: list[dict[str, Any]],
     counts: dict[str, int],
     index: int,
@@ -326,7 +326,7 @@ def log_stage(
     backbone_lrs = [g["lr"] for g in groups if g["name"] != "head"]
     last = stage.first_step + stage.epochs - 1
     prefix = f"stage.{stage.name}"
-    trainable = ",".join(mode.trainable) if mode.trainable else "head only"
+    what = ",".join(trainable.trainable) if trainable.trainable else "head only"
     mlflow.log_params(
         {
             f"{prefix}.steps": f"{stage.first_step}-{last}",
@@ -334,16 +334,16 @@ def log_stage(
             f"{prefix}.lr_backbone": (
                 f"{min(backbone_lrs):.3g}..{max(backbone_lrs):.3g}" if backbone_lrs else "frozen"
             ),
-            f"{prefix}.trainable": trainable[:6000],
+            f"{prefix}.trainable": what[:6000],
             f"{prefix}.trainable_params": counts["trainable_params"],
-            f"{prefix}.eval_modules": len(mode.eval_modules),
+            f"{prefix}.eval_modules": len(trainable.eval_modules),
         }
     )
     mlflow.log_dict(
         {
             "stage": vars(stage),
-            "trainable_stages": list(mode.trainable),
-            "eval_modules": list(mode.eval_modules),
+            "trainable_stages": list(trainable.trainable),
+            "eval_modules": list(trainable.eval_modules),
             "param_groups": groups,
         },
         f"stages/{stage.name}.json",
@@ -354,7 +354,7 @@ def log_stage(
         stage.first_step,
         last,
         f"{counts['trainable_params']:,}",
-        trainable,
+        what,
         head["lr"],
         f"{min(backbone_lrs):.3g}..{max(backbone_lrs):.3g}" if backbone_lrs else "frozen",
     )

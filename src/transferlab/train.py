@@ -23,51 +23,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from transferlab import sweep, tracking
-from transferlab.backbones import (
-    build_backbone,
-    check_backbone_name,
-    find_classifier,
-)
-from transferlab.cache import FeatureCache, prepare_cached
-from transferlab.checkpoint import Checkpoint, resume_hint, set_deterministic, stop_signals
-from transferlab.config import ConfigError, TrainConfig, config_hash, register_configs, to_typed
-from transferlab.data import check_data, class_counts
+from transferlab.backbones import BuiltBackbone, build_backbone, check_backbone_name, find_classifier
+from transferlab.cache import FeatureCache, Lookup, prepare_cached
+from transferlab.checkpoint import Checkpoint, StopSignal, resume_hint, set_deterministic, stop_signals
+from transferlab.data import PreparedData, check_data, class_counts
 from transferlab.engine import FitResult, Runner, StopRequested
-from transferlab.modes import (
-    MODES,
-    check_stages,
-    count_parameters,
-    enter_stage,
-    make_model,
-    schedule,
-)
+from transferlab.modes import check_stages, count_parameters, make_model
 from transferlab.optim import describe, param_groups
 from transferlab.preflight import check_overrides
 from transferlab.resilient import EpochLog, retry
+from transferlab.schemas import ConfigError, Stage, TrainConfig, config_hash, register_configs, to_typed
 
 log = logging.getLogger("transferlab.train")
 # Absolute, so the entrypoint finds conf/ both as `python -m transferlab.train` and when imported.
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 register_configs()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def preflight(cfg: TrainConfig) -> str:
-    """Every check that needs no compute, so bad input fails in seconds and logs no run."""
-    check_backbone_name(cfg.backbone)
-    check_data(cfg.data, cfg.paths.cache_dir if cfg.data.cache else None)  # the check is kept there
-    return tracking.setup_experiment(cfg.mlflow)
-
-
-def best_metrics(fit: FitResult, prefix: str = "best_") -> dict[str, float]:
-    """The validation metrics of the epoch that was kept (the best on ``trainer.monitor``)."""
-    best_row = next(row for row in fit.history if row["epoch"] == fit.best_epoch)
-    return {f"{prefix}{k}": v for k, v in best_row.items() if k.startswith("val_")}
 
 
 def train(
@@ -84,22 +54,8 @@ def train(
     experiment_id = preflight(cfg)
     seed_everything(cfg.seed)  # before any module is built: random init and the head depend on it
     set_deterministic(cfg.trainer.deterministic)
-    # Weights before the run starts: a backbone that cannot be had here is bad input, not a failed run.
-    built = build_backbone(cfg.backbone)
-    find_classifier(built.model)  # a network whose head no mode can replace: bad input, no run
-    check_stages(cfg.mode, built.model, cfg.backbone.name)  # mode=partial: enough stages to train
-    tags = {f"choice.{group}": str(option) for group, option in choices.items()}
-    tags |= {
-        "mode": cfg.mode.name,
-        "backbone": cfg.backbone.name,
-        "dataset": cfg.data.name,
-        "seed": str(cfg.seed),
-        sweep.CONFIG_HASH: config_hash(cfg),
-    }
-    run_name = cfg.mlflow.run_name
-    if job is not None:
-        tags |= job.tags
-        run_name = run_name or job.run_name
+    built = build_checked_backbone(cfg)
+    run_name, tags = run_identity(cfg, choices, job)
     # Resume: this config's checkpoint (a killed or preempted run) names the MLflow run to continue.
     ckpt = Checkpoint.for_config(cfg, raw)
     resumed_epoch = ckpt.resumed_from["epoch"] if ckpt.resumed_from else None
@@ -113,81 +69,33 @@ def train(
         tracking.log_json(
             {"overrides": overrides, "choices": choices, "command": tracking.command_line()}, "overrides.json"
         )
+        data, inputs = load_data(cfg, built)
 
-        # Data, preprocessed exactly as the backbone's weights expect (resize, crop, mean/std);
-        # decoded once per source and preprocessing, then read from paths.cache_dir.
-        data, inputs = prepare_cached(
-            cfg.data, built.preprocess, cfg.paths.data_dir, cfg.paths.cache_dir, cfg.data.cache
-        )
-        sizes = data.splits.sizes()
-        log.info(
-            "data %s: %s, classes %s, train class counts %s",
-            data.name,
-            sizes,
-            data.classes,
-            class_counts(data.labels[data.splits.train], data.num_classes),
-        )
-        for context in ("train", "val", "test"):
-            tracking.log_dataset(data.name, data.source, data.fingerprint, context, sizes)
-
-        # The backbone starts frozen under its new head; each stage unfreezes what it trains.
-        model = make_model(built.model, MODES["feature_extract"], data.num_classes)
+        # The new head on the backbone; what trains is decided per stage (transferlab.modes.freeze).
+        model = make_model(built.model, data.num_classes)
         counts = {"total_params": count_parameters(model), "head_params": count_parameters(model.head)}
         tracking.log_reproducibility(cfg, built, data, counts)
-        stages = schedule(cfg.mode, cfg.trainer.epochs, cfg.optimizer.lr)  # lp_ft: probe, then finetune
-        metrics: dict[str, float] = {}
-        feature_seconds, cache_hit = 0.0, None
         # Frozen features are computed once per backbone, weights and images, and shared on disk.
         features = FeatureCache(cfg.paths.cache_dir, built) if cfg.trainer.feature_cache else None
+        runner = Runner(model, data, cfg.trainer, cfg.seed, cfg.data.augment, features)
         # Per-epoch metrics survive a tracking-server outage (kept beside the checkpoint, replayed).
         log_epoch = EpochLog(run.info.run_id, ckpt.path.parent)
+
+        stages = cfg.mode.stages(cfg.trainer.epochs, cfg.optimizer.lr)  # lp_ft: probe, then finetune
+        fits: list[FitResult] = []
+        metrics: dict[str, float] = {}
         for index, stage in enumerate(stages):
             if resumed_epoch is not None and stage is not stages[-1] and resumed_epoch >= stage.end:
                 continue  # finished before the stop: its result is in the checkpointed model
-            mode = enter_stage(model, stage)  # which parameters train, which modules stay in eval mode
-            if index == 0:
-                tracking.log_cache_use(cfg, mode.trains_backbone, inputs)
-            groups = param_groups(model, stage, cfg.optimizer.weight_decay)  # lr per head/backbone/layer
-            optimizer = instantiate(cfg.optimizer)(groups)  # only trainable parameters reach it
-            counts["trainable_params"] = count_parameters(model, lambda p: p.requires_grad)
-            epoch_log = tracking.log_stage(
-                stage, mode, describe(model, groups), counts, index, len(stages), log_epoch
+            fits.append(
+                fit_stage(cfg, runner, stage, index, len(stages), counts, ckpt, log_epoch, stop, inputs)
             )
-            runner = Runner(model, data, mode, cfg.trainer, cfg.seed, cfg.data.augment, features)
-            resume_state = ckpt.bind(run.info.run_id, runner, optimizer)  # None unless resuming here
-            fit = runner.fit(
-                optimizer,
-                stage.epochs,
-                epoch_log,
-                start_epoch=stage.first_step,
-                state=resume_state,
-                checkpoint=ckpt.save,
-                should_stop=stop.requested,
-            )
-            feature_seconds += fit.feature_seconds
-            cache_hit = fit.feature_cache_hit if fit.feature_cache_hit is not None else cache_hit
-            runner.load_best(fit)  # the best-on-validation checkpoint: tested, or the next stage's start
             if stage is not stages[-1]:  # e.g. the linear probe of lp_ft, reported on its own
-                probe_test, _, _ = runner.evaluate(data.splits.test)
-                metrics |= best_metrics(fit, f"{stage.name}_best_")
-                metrics |= {f"{stage.name}_test_{k}": v for k, v in probe_test.items()}
-                tracking.log_state_dict(
-                    {k: v.detach().cpu() for k, v in model.head.state_dict().items()}, f"{stage.name}_head.pt"
-                )
+                metrics |= intermediate_results(runner, fits[-1], stage)
 
         # Test the best-on-validation checkpoint of the last stage, in eval mode.
         test, labels, preds = runner.evaluate(data.splits.test)
-        wall = time.perf_counter() - started
-        metrics |= {f"test_{k}": v for k, v in test.items()}
-        metrics |= best_metrics(fit)
-        metrics |= {
-            "best_epoch": fit.best_epoch,
-            "wall_time_s": wall,
-            "feature_extract_s": feature_seconds,
-            "frozen_feature_path": float(fit.used_feature_path),  # of the last stage
-            **({} if cache_hit is None else {"feature_cache_hit": float(cache_hit)}),
-            **counts,
-        }
+        metrics |= final_metrics(test, fits, counts, time.perf_counter() - started)
         log_epoch.flush()
         retry(
             lambda: tracking.log_results(metrics, labels, preds, data.classes, model, runner.device.type),
@@ -196,6 +104,129 @@ def train(
         log.info("test: %s (run %s)", ", ".join(f"{k}={v:.4f}" for k, v in test.items()), run.info.run_id)
     ckpt.remove()  # finished: the next launch of this config is a new run
     return metrics
+
+
+# -- the steps of train(), in the order it takes them ---------------------------------------------
+def preflight(cfg: TrainConfig) -> str:
+    """Every check that needs no compute, so bad input fails in seconds and logs no run."""
+    check_backbone_name(cfg.backbone)
+    check_data(cfg.data, cfg.paths.cache_dir if cfg.data.cache else None)  # the check is kept there
+    return tracking.setup_experiment(cfg.mlflow)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_checked_backbone(cfg: TrainConfig) -> BuiltBackbone:
+    """Weights before the run starts: a backbone that cannot be had here is bad input, not a failed run."""
+    built = build_backbone(cfg.backbone)
+    find_classifier(built.model)  # a network whose head no mode can replace: bad input, no run
+    check_stages(cfg.mode, built.model, cfg.backbone.name)  # mode=partial: enough stages to train
+    return built
+
+
+def run_identity(cfg: TrainConfig, choices: dict[str, str], job: sweep.Job | None) -> tuple[str | None, dict]:
+    """The MLflow run's name and tags: config choices, the headline axes and the config hash."""
+    tags = {f"choice.{group}": str(option) for group, option in choices.items()}
+    tags |= {
+        "mode": cfg.mode.name,
+        "backbone": cfg.backbone.name,
+        "dataset": cfg.data.name,
+        "seed": str(cfg.seed),
+        sweep.CONFIG_HASH: config_hash(cfg),
+    }
+    run_name = cfg.mlflow.run_name
+    if job is not None:
+        tags |= job.tags
+        run_name = run_name or job.run_name
+    return run_name, tags
+
+
+def load_data(cfg: TrainConfig, built: BuiltBackbone) -> tuple[PreparedData, Lookup | None]:
+    """Data preprocessed exactly as the backbone's weights expect (resize, crop, mean/std), decoded
+    once per source and preprocessing, then read from paths.cache_dir; recorded as MLflow datasets."""
+    data, inputs = prepare_cached(
+        cfg.data, built.preprocess, cfg.paths.data_dir, cfg.paths.cache_dir, cfg.data.cache
+    )
+    sizes = data.splits.sizes()
+    train_counts = class_counts(data.labels[data.splits.train], data.num_classes)
+    log.info("data %s: %s, classes %s, train class counts %s", data.name, sizes, data.classes, train_counts)
+    for context in ("train", "val", "test"):
+        tracking.log_dataset(data.name, data.source, data.fingerprint, context, sizes)
+    return data, inputs
+
+
+def fit_stage(
+    cfg: TrainConfig,
+    runner: Runner,
+    stage: Stage,
+    index: int,
+    of: int,
+    counts: dict[str, int],
+    ckpt: Checkpoint,
+    log_epoch: EpochLog,
+    stop: StopSignal,
+    inputs: Lookup | None,
+) -> FitResult:
+    """One stage: freeze what it does not train, build its optimizer, fit, keep the best epoch."""
+    trainable = runner.enter(stage)  # which parameters train, which modules stay in eval mode
+    if index == 0:
+        tracking.log_cache_use(cfg, trainable.trains_backbone, inputs)
+    groups = param_groups(runner.model, stage, cfg.optimizer.weight_decay)  # lr per head/backbone/layer
+    optimizer = instantiate(cfg.optimizer)(groups)  # only trainable parameters reach it
+    counts["trainable_params"] = count_parameters(runner.model, lambda p: p.requires_grad)
+    epoch_log = tracking.log_stage(
+        stage, trainable, describe(runner.model, groups), counts, index, of, log_epoch
+    )
+    resume_state = ckpt.bind(log_epoch.run_id, runner, optimizer)  # None unless resuming here
+    fit = runner.fit(
+        optimizer,
+        stage.epochs,
+        epoch_log,
+        start_epoch=stage.first_step,
+        state=resume_state,
+        checkpoint=ckpt.save,
+        should_stop=stop.requested,
+    )
+    runner.load_best(fit)  # the best-on-validation checkpoint: tested, or the next stage's start
+    return fit
+
+
+def best_metrics(fit: FitResult, prefix: str = "best_") -> dict[str, float]:
+    """The validation metrics of the epoch that was kept (the best on ``trainer.monitor``)."""
+    best_row = next(row for row in fit.history if row["epoch"] == fit.best_epoch)
+    return {f"{prefix}{k}": v for k, v in best_row.items() if k.startswith("val_")}
+
+
+def intermediate_results(runner: Runner, fit: FitResult, stage: Stage) -> dict[str, float]:
+    """A stage before the last (lp_ft's probe): its own best-on-validation and test metrics, and its head."""
+    probe_test, _, _ = runner.evaluate(runner.data.splits.test)
+    head = {k: v.detach().cpu() for k, v in runner.model.head.state_dict().items()}
+    tracking.log_state_dict(head, f"{stage.name}_head.pt")
+    return best_metrics(fit, f"{stage.name}_best_") | {
+        f"{stage.name}_test_{k}": v for k, v in probe_test.items()
+    }
+
+
+def final_metrics(
+    test: dict[str, float], fits: list[FitResult], counts: dict[str, int], wall: float
+) -> dict[str, float]:
+    """The run's headline: test metrics of the last stage's best epoch, its validation metrics, costs."""
+    last = fits[-1]
+    hits = [fit.feature_cache_hit for fit in fits if fit.feature_cache_hit is not None]
+    return {
+        **{f"test_{k}": v for k, v in test.items()},
+        **best_metrics(last),
+        "best_epoch": last.best_epoch,
+        "wall_time_s": wall,
+        "feature_extract_s": sum(fit.feature_seconds for fit in fits),
+        "frozen_feature_path": float(last.used_feature_path),  # of the last stage
+        **({"feature_cache_hit": float(hits[-1])} if hits else {}),
+        **counts,
+    }
 
 
 def hydra_context() -> tuple[dict[str, str], list[str], bool]:

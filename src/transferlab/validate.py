@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from transferlab.config import ConfigError
+from transferlab.schemas import ConfigError
 
 # A truncated file is an error, never silently padded with grey (Pillow's opt-in behaviour).
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -1,0 +1,348 @@
+"""The report's numbers: read a sweep's runs back from MLflow, group them, aggregate over seeds, pair.
+
+Groups the runs by the swept axes (``sweep.axes`` of the parent runs; ``seed`` is the replicate),
+and computes mean ± std and n of test accuracy, balanced accuracy, macro-F1, wall time and trainable
+parameters; each mode minus feature_extract per combination of the other axes, with a paired
+t-test over seeds (``scipy.stats.ttest_rel``, pairs matched by seed); where the random-init control
+ran (``backbone.weights=null``), pretrained minus random init, paired the same way.
+
+Runs of one group that differ in a key nobody swept (two sweeps into one experiment, at
+``trainer.epochs=3`` and ``=6``) are never averaged together: that key becomes an axis, said above the
+table; where feature extraction ran with one value of it, every other value is paired with that one
+(never across ``backbone.weights``: the control is paired with its pretrained twin instead).
+
+Each config (tag ``config_hash``) counts once: its newest FINISHED run. Configs with no FINISHED run
+are listed as failed, never averaged in.
+
+Only numbers here: ``transferlab.report_render`` writes them out, ``transferlab.report`` is the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from transferlab.schemas import NOT_SEMANTIC
+from transferlab.sweep import CONFIG_HASH, NAME_ORDER, ROLE
+
+# metric -> (column header, scale, decimals)
+METRICS: dict[str, tuple[str, float, int]] = {
+    "test_accuracy": ("test acc (%)", 100.0, 2),
+    "test_balanced_accuracy": ("bal. acc (%)", 100.0, 2),
+    "test_macro_f1": ("macro-F1 (%)", 100.0, 2),
+    "wall_time_s": ("wall time (s)", 1.0, 1),
+    "trainable_params": ("trainable params", 1.0, 0),
+}
+PAIRED = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1")
+BASE = "feature_extract"  # every other mode is reported as its difference to this one
+DIAL = ("partial", "lp_ft", "full_finetune")  # the order of the dial: least to most of the backbone trained
+WEIGHTS, RANDOM_INIT = "backbone.weights", "null"  # the random-init control is paired against pretrained
+
+
+class ReportError(Exception):
+    """Bad input or nothing to report: one line for the user, and the exit code."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Selection:
+    """The runs one report covers, and where its artifacts go."""
+
+    title: str
+    experiment_id: str
+    axes: list[str]
+    runs: list[Run]
+    parent_run_id: str | None = None  # None: a report over a whole experiment
+    notes: list[str] = field(default_factory=list)
+
+
+def _role(run: Run) -> str | None:
+    return run.data.tags.get(ROLE)
+
+
+def _axes_of(parent: Run) -> list[str]:
+    return list(json.loads(parent.data.tags.get("sweep.axes", "[]")))
+
+
+def _reused_runs(client: MlflowClient, parent: Run) -> list[Run]:
+    """Runs a re-launched sweep skipped (already FINISHED under an earlier parent): still its results."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(parent.info.run_id, "sweep_jobs.json", tmp)
+        except (MlflowException, OSError):  # the sweep is still running, or was interrupted
+            return []
+        records = json.loads(Path(path).read_text())["jobs"]
+    ids = [r["run_id"] for r in records if r["status"] == "skipped" and r.get("run_id")]
+    return [client.get_run(i) for i in ids]
+
+
+def select_parent(client: MlflowClient, run_id: str) -> Selection:
+    try:
+        parent = client.get_run(run_id)
+    except MlflowException:
+        raise ReportError(
+            f"--parent-run: no run {run_id!r} in this store. "
+            "Fix: copy the id the sweep printed (`report: python -m transferlab.report --parent-run ...`) "
+            "or use --experiment NAME"
+        ) from None
+    if _role(parent) != "parent":
+        hint = parent.data.tags.get(MLFLOW_PARENT_RUN_ID)
+        fix = f"pass its parent, --parent-run {hint}" if hint else "pass the id of a sweep's parent run"
+        raise ReportError(f"--parent-run: run {run_id} is not a sweep's parent run. Fix: {fix}")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'"
+    )
+    runs = list(children) + _reused_runs(client, parent)
+    name = parent.data.tags.get("sweep.name", parent.info.run_name or run_id)
+    return Selection(name, parent.info.experiment_id, _axes_of(parent), runs, parent_run_id=run_id)
+
+
+def select_experiment(client: MlflowClient, name: str) -> Selection:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        known = sorted(e.name for e in client.search_experiments())
+        raise ReportError(f"--experiment: no experiment {name!r} in this store. Fix: use one of {known}")
+    runs = client.search_runs([experiment.experiment_id], max_results=50000)
+    parents = [r for r in runs if _role(r) == "parent"]
+    axes: list[str] = []
+    for parent in sorted(parents, key=lambda r: r.info.start_time):
+        axes += [a for a in _axes_of(parent) if a not in axes]
+    jobs = [r for r in runs if _role(r) not in ("parent", "report")]
+    return Selection(name, experiment.experiment_id, axes, jobs)
+
+
+def dedupe(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """Per config hash, the newest FINISHED run; configs without one are the failures."""
+    by_config: dict[str, list[Run]] = {}
+    for run in runs:
+        by_config.setdefault(run.data.tags.get(CONFIG_HASH) or run.info.run_id, []).append(run)
+    finished, failed = [], []
+    for group in by_config.values():
+        group.sort(key=lambda r: r.info.start_time, reverse=True)
+        done = [r for r in group if r.info.status == "FINISHED"]
+        (finished if done else failed).append(done[0] if done else group[0])
+    return finished, failed
+
+
+def axis_value(run: Run, axis: str) -> str:
+    """A group's option by its ``name`` (``backbone.name``), else the param, else the choice tag."""
+    params, tags = run.data.params, run.data.tags
+    for key in (f"{axis}.name", axis):
+        if key in params:
+            return params[key]
+    return tags.get(f"choice.{axis}", "?")
+
+
+def _semantic_params(run: Run) -> dict[str, str]:
+    """The params that decide what a run computes: not where it is logged, not the derived stage.*."""
+    return {
+        k: v
+        for k, v in run.data.params.items()
+        if k != "seed"
+        and not k.startswith("stage.")
+        and not any(k == n or k.startswith(f"{n}.") for n in NOT_SEMANTIC)
+    }
+
+
+def hidden_axes(runs: list[Run], axes: list[str]) -> list[str]:
+    """Params that differ between runs of one group: never averaged together, so they become axes.
+
+    An experiment that collects several sweeps (a relaunch with ``trainer.epochs=6``, a sweep with
+    another lr) would otherwise average two protocols into one mean ± std.
+    """
+    groups: dict[tuple[str, ...], list[dict[str, str]]] = {}
+    for run in runs:
+        key = tuple(axis_value(run, a) for a in axes if a != "seed")
+        groups.setdefault(key, []).append(_semantic_params(run))
+    varying: list[str] = []
+    for params in groups.values():
+        keys = sorted(set().union(*params))
+        varying += [k for k in keys if len({p.get(k, "∅") for p in params}) > 1 and k not in varying]
+    # A group option that varies (mode=lp_ft and mode=partial) is one axis, not one per key.
+    covered = set(axes) | {f"{a}.name" for a in axes}
+    return [k for k in varying if k not in covered]
+
+
+def broadcast_base(df: pd.DataFrame, axes: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Where BASE ran with one value of a hidden axis, pair every other value with it.
+
+    E.g. feature extraction ran 10 epochs, lp_ft 3 and 6: both lp_ft rows are paired with the one
+    feature-extraction protocol. Returns the frame to pair and a note per broadcast axis.
+    """
+    notes = []
+    # Never across the weights: random-init fine-tuning minus pretrained feature extraction would
+    # mix two factors; the control is compared with its pretrained twin (``pretraining``) instead.
+    for axis in (a for a in axes if a != WEIGHTS):
+        base_values = set(df.loc[df["mode"] == BASE, axis])
+        others = set(df[axis]) - base_values
+        if len(base_values) != 1 or not others:
+            continue
+        (value,) = base_values
+        base = df[df["mode"] == BASE]
+        df = pd.concat([df, *(base.assign(**{axis: v}) for v in sorted(others))], ignore_index=True)
+        notes.append(f"{BASE} ran with {_shown(axis, value)} only: every other {axis} is paired with it.")
+    return df, notes
+
+
+def runs_frame(runs: list[Run], axes: list[str]) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name}
+        row |= {a: axis_value(run, a) for a in axes if a != "seed"}
+        row["seed"] = int(run.data.params.get("seed", -1))
+        row["status"] = run.info.status
+        row |= {m: run.data.metrics.get(m, math.nan) for m in METRICS}
+        row["error"] = run.data.tags.get("error", "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
+    """mean, std (over seeds, ddof=1) and n per group and metric, as numbers."""
+    keys = groups or ["_all"]  # nothing swept but seeds: one group
+    stats = df.assign(_all="all").groupby(keys, sort=True)[list(METRICS)].agg(["mean", "std", "count"])
+    stats.columns = [f"{m}_{s}" for m, s in stats.columns]
+    stats = stats.reset_index().drop(columns=[c for c in ("_all",) if c in keys])
+    stats.insert(len(groups), "n", stats[f"{next(iter(METRICS))}_count"].astype(int))
+    return stats.drop(columns=[c for c in stats.columns if c.endswith("_count")])
+
+
+def _paired_stats(part: pd.DataFrame, axis: str, treated: str, base: str) -> dict[str, Any]:
+    """``treated`` - ``base`` along ``axis`` within ``part``, matched by seed (``ttest_rel``)."""
+    from scipy.stats import ttest_rel
+
+    row: dict[str, Any] = {"n_pairs": 0}
+    if treated != base and {treated, base} <= set(part[axis]):
+        # dropna=False: a metric one side never logged stays a NaN column (its pairs drop), not a KeyError.
+        wide = part.pivot_table(
+            index="seed", columns=axis, values=list(PAIRED), aggfunc="first", dropna=False
+        )
+        # Only this pair's columns: a seed another value lacks must not drop this pair.
+        pairs = wide[[(m, x) for m in PAIRED for x in (treated, base)]].dropna()
+        row["n_pairs"] = len(pairs)
+    for metric in PAIRED:
+        if row["n_pairs"] == 0:
+            row |= {f"{metric}_diff_mean": math.nan, f"{metric}_diff_std": math.nan}
+            row |= {f"{metric}_t": math.nan, f"{metric}_p": math.nan}
+            continue
+        treated_v, base_v = pairs[(metric, treated)].to_numpy(), pairs[(metric, base)].to_numpy()
+        diff = treated_v - base_v
+        row[f"{metric}_diff_mean"] = float(diff.mean())
+        row[f"{metric}_diff_std"] = float(diff.std(ddof=1)) if len(diff) > 1 else math.nan
+        with warnings.catch_warnings():  # n < 2 or identical differences: no test, NaN
+            warnings.simplefilter("ignore")
+            test = ttest_rel(treated_v, base_v) if len(diff) > 1 else None
+        row[f"{metric}_t"] = float(test.statistic) if test is not None else math.nan
+        row[f"{metric}_p"] = float(test.pvalue) if test is not None else math.nan
+    return row
+
+
+def _by_other_axes(df: pd.DataFrame, others: list[str]):  # noqa: ANN202 - (key tuple, frame) pairs
+    for key, part in df.groupby(others, sort=True) if others else [((), df)]:
+        yield (key if isinstance(key, tuple) else (key,)), part
+
+
+def paired(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame | None:
+    """Each mode - BASE per combination of the other axes, paired by seed (``ttest_rel``).
+
+    One row per (other axes, mode) where that mode ran; ``n_pairs`` = 0 where BASE did not.
+    """
+    if "mode" not in groups or BASE not in set(df["mode"]):
+        return None
+    present = set(df["mode"]) - {BASE}
+    treated_modes = [m for m in DIAL if m in present] + sorted(present - set(DIAL))
+    if not treated_modes:
+        return None
+    others = [g for g in groups if g != "mode"]
+    rows = []
+    for key, part in _by_other_axes(df, others):
+        for treated in (m for m in treated_modes if m in set(part["mode"])):
+            row: dict[str, Any] = dict(zip(others, key, strict=True)) | {"mode": treated}
+            rows.append(row | _paired_stats(part, "mode", treated, BASE))
+    return pd.DataFrame(rows)
+
+
+def pretraining(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame | None:
+    """Pretrained - random init (``backbone.weights=null``, the control) per combination of the other
+    axes where both ran, paired by seed: what the pretrained weights are worth, mode by mode.
+
+    A control with no pretrained twin is one row with ``backbone.weights=null`` and ``n_pairs`` = 0.
+    """
+    if WEIGHTS not in groups or RANDOM_INIT not in set(df[WEIGHTS]):
+        return None
+    others = [g for g in groups if g != WEIGHTS]
+    rows = []
+    for key, part in _by_other_axes(df, others):
+        if RANDOM_INIT not in set(part[WEIGHTS]):
+            continue
+        # No pretrained twin: the control's own row, with no pairs (the report names it).
+        for weights in sorted(set(part[WEIGHTS]) - {RANDOM_INIT}) or [RANDOM_INIT]:
+            row: dict[str, Any] = dict(zip(others, key, strict=True)) | {WEIGHTS: weights}
+            rows.append(row | _paired_stats(part, WEIGHTS, weights, RANDOM_INIT))
+    return pd.DataFrame(rows) if rows else None
+
+
+def _shown(axis: str, value: object) -> str:
+    """A group's option bare (``efficientnet_lite0``), any other key as ``key=value``."""
+    return str(value) if axis in NAME_ORDER else f"{axis}={value}"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A published test accuracy to set the table beside, e.g. Deitsch et al. 2019's 88.42 %."""
+
+    label: str
+    value: float  # a fraction, like the logged metrics
+
+    @classmethod
+    def parse(cls, text: str) -> Reference:
+        label, _, value = text.rpartition("=")
+        try:
+            percent = float(value)
+        except ValueError:
+            percent = math.nan
+        if not label.strip() or not 0 <= percent <= 100:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not LABEL=PERCENT; e.g. --reference 'VGG-19, Deitsch et al. 2019=88.42'"
+            )
+        return cls(label.strip(), percent / 100)
+
+
+@dataclass
+class Analysis:
+    """Every table of one report, as numbers (``analyse``); ``report_render`` writes them out."""
+
+    groups: list[str]  # the axes but the seed: what one row of the summary is
+    extra: list[str]  # the hidden axes: not swept, but differ between runs of one group
+    runs: pd.DataFrame  # the FINISHED runs, one row each (``runs_frame``)
+    failed: pd.DataFrame  # the configs without a FINISHED run: listed, never averaged in
+    stats: pd.DataFrame  # ``summary``
+    diffs: pd.DataFrame | None  # ``paired``: each mode - BASE
+    gains: pd.DataFrame | None  # ``pretraining``: pretrained - random init
+    pair_notes: list[str]  # one sentence per hidden axis ``broadcast_base`` paired with BASE's one value
+
+
+def analyse(df: pd.DataFrame, failed: pd.DataFrame, axes: list[str], extra: list[str]) -> Analysis:
+    """The summary and the paired tables of the FINISHED runs ``df`` (``runs_frame``) over ``axes``."""
+    groups = [a for a in axes if a != "seed"]
+    stats = summary(df, groups)
+    pairable, pair_notes = broadcast_base(df, extra) if "mode" in groups else (df, [])
+    diffs = paired(pairable, groups)
+    gains = pretraining(df, groups)
+    return Analysis(groups, extra, df, failed, stats, diffs, gains, pair_notes)

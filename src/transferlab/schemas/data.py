@@ -1,0 +1,140 @@
+"""``conf/data/``: the fields every dataset shares, and one schema per source.
+
+Each schema is the key of its loader in :mod:`transferlab.sources` (a new source is one schema
+here, one module there, one YAML file under ``conf/data/``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import MISSING
+
+from transferlab.schemas.errors import ConfigError, fraction, seed_range
+
+# The torchvision datasets data=<name> can load (transferlab.sources.torchvision maps each to its class).
+TORCHVISION_DATASETS = ("cifar10", "flowers102", "oxford_iiit_pet", "dtd")
+
+
+@dataclass
+class DataConfig:
+    """Fields every dataset shares; each dataset's schema adds its own."""
+
+    name: str = MISSING
+    root: str | None = None
+    # Use at most this many images (stratified by class) for smoke runs; None = all.
+    limit: int | None = None
+    # 0.25: the stratified 75/25 split of Deitsch et al. 2019 (ELPV).
+    test_fraction: float = 0.25
+    # Carved from the training part for model selection.
+    val_fraction: float = 0.1
+    # The split is seeded apart from ``seed`` so that seeds vary the training, not the data.
+    split_seed: int = 42
+    # Train-time augmentation (random horizontal flips). Off by default: a frozen backbone
+    # then sees each image once and its features are computed a single time.
+    augment: bool = False
+    # Keep the decoded, resized images under paths.cache_dir/inputs: later runs skip decoding.
+    cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 4:
+            raise ConfigError(
+                "data.limit",
+                f"must be >= 4 or null, got {self.limit}",
+                "use data.limit=null for the whole dataset",
+            )
+        fraction("data.test_fraction", self.test_fraction)
+        fraction("data.val_fraction", self.val_fraction)
+        seed_range("data.split_seed", self.split_seed)
+
+
+def _named(key: str, value: str, expected: str) -> None:
+    """The loader is chosen by the option's schema; a different ``name`` would be read by nothing."""
+    if value != expected:
+        raise ConfigError(key, f"is {value!r} but this option loads {expected!r}", f"choose data={value}")
+
+
+@dataclass
+class ElpvDataConfig(DataConfig):
+    name: str = "elpv"
+    # binary: defective (defect probability >= threshold) vs functional; four_class: 0, 1/3, 2/3, 1.
+    labels: str = "binary"
+    threshold: float = 0.5
+    cell_type: str = "all"  # all | mono | poly
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _named("data.name", self.name, "elpv")
+        if self.labels not in ("binary", "four_class"):
+            raise ConfigError("data.labels", f"unknown labelling {self.labels!r}", "use binary or four_class")
+        if self.cell_type not in ("all", "mono", "poly"):
+            raise ConfigError(
+                "data.cell_type", f"unknown cell type {self.cell_type!r}", "use all, mono or poly"
+            )
+        fraction("data.threshold", self.threshold)
+
+
+@dataclass
+class ImageFolderDataConfig(DataConfig):
+    name: str = "imagefolder"
+    # Every file is decoded once before the run starts. error: stop, naming the first bad file;
+    # skip: leave unreadable files out and log their list (skipped_images.json) with the run.
+    on_bad_image: str = "error"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _named("data.name", self.name, "imagefolder")
+        if self.on_bad_image not in ("error", "skip"):
+            raise ConfigError(
+                "data.on_bad_image", f"unknown policy {self.on_bad_image!r}", "use error or skip"
+            )
+        if not self.root:
+            raise ConfigError(
+                "data.root",
+                "is required for data=imagefolder",
+                "pass data.root=/path/to/folder with one subfolder per class",
+            )
+
+
+@dataclass
+class TorchvisionDataConfig(DataConfig):
+    # One of TORCHVISION_DATASETS; downloaded into data.root when missing.
+    download: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.name not in TORCHVISION_DATASETS:
+            raise ConfigError(
+                "data.name",
+                f"unknown torchvision dataset {self.name!r}",
+                f"use one of {sorted(TORCHVISION_DATASETS)}",
+            )
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    name: str = "synthetic"
+    num_classes: int = 2
+    images_per_class: int = 24
+    image_size: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _named("data.name", self.name, "synthetic")
+        if not 8 <= self.image_size <= 4096:
+            raise ConfigError("data.image_size", f"must be in [8, 4096], got {self.image_size}", "use 32")
+        if self.num_classes < 2:
+            raise ConfigError("data.num_classes", f"must be >= 2, got {self.num_classes}", "use 2 or more")
+        if self.images_per_class < 4:
+            raise ConfigError(
+                "data.images_per_class", f"must be >= 4, got {self.images_per_class}", "use 4 or more"
+            )
+
+
+# Registered in Hydra's ConfigStore as data/<name>_schema; conf/data/<option>.yaml extends one.
+DATA_SCHEMAS: dict[str, type[DataConfig]] = {
+    "elpv": ElpvDataConfig,
+    "imagefolder": ImageFolderDataConfig,
+    "torchvision": TorchvisionDataConfig,
+    "synthetic": SyntheticDataConfig,
+}

@@ -1,0 +1,1 @@
+"""Dataset sources, one module each, registered by config schema in :mod:`transferlab.sources.registry`."""

@@ -42,6 +42,8 @@ ARGS = [
     "seed=3",
 ]
 TIMING = ("wall_time_s", "epoch_time_s", "images_per_s", "feature_extract_s")
+# Cache bookkeeping: logged by each launch (a resume hits the caches its first launch filled).
+BOOKKEEPING = (*TIMING, "input_cache_hit", "input_load_s", "feature_cache_hit")
 
 
 def _launch(root: Path, *extra: str) -> subprocess.Popen:
@@ -68,7 +70,8 @@ def _checkpoint(root: Path) -> Path | None:
 
 
 def _final_metrics(root: Path) -> tuple[dict[str, float], dict[str, list[float]], str, str]:
-    """The one training run's non-timing metrics, per-epoch history, status and id (a sweep's parent aside)."""
+    """The one training run's final metrics, every per-epoch history, status and id (timing and cache
+    bookkeeping aside; a sweep's parent aside). Each history has exactly one value per step."""
     runs = runs_in(root)
     if "tags.sweep.role" in runs.columns:
         runs = runs[runs["tags.sweep.role"] == "job"]
@@ -78,13 +81,45 @@ def _final_metrics(root: Path) -> tuple[dict[str, float], dict[str, list[float]]
     final = {
         c.removeprefix("metrics."): run[c]
         for c in runs.columns
-        if c.startswith("metrics.") and c.removeprefix("metrics.") not in TIMING and pd.notna(run[c])
+        if c.startswith("metrics.") and c.removeprefix("metrics.") not in BOOKKEEPING and pd.notna(run[c])
     }
     history = {}
-    for key in ("train_loss", "val_loss", "val_accuracy"):
-        points = {m.step: m.value for m in client.get_metric_history(run["run_id"], key)}
-        history[key] = [points[s] for s in sorted(points)]
+    for key in client.get_run(run["run_id"]).data.metrics:
+        points = client.get_metric_history(run["run_id"], key)
+        if key in BOOKKEEPING or len(points) == 1 and points[0].step == 0 and key in final:
+            continue  # a final metric, compared above
+        steps = [m.step for m in points]
+        assert len(steps) == len(set(steps)), f"{key}: more than one value at a step {sorted(steps)}"
+        history[key] = [m.value for m in sorted(points, key=lambda m: m.step)]
+    assert {"train_loss", "val_loss", "val_accuracy", "lr_head"} <= set(history)
     return final, history, run["status"], run["run_id"]
+
+
+def _stop_when(root: Path, ready, signum: int = signal.SIGTERM) -> threading.Thread:
+    """SIGTERM this process once ``ready(checkpoint blob)`` holds (the run's main thread handles it)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            path = _checkpoint(root)
+            try:
+                if path is not None and ready(torch.load(path, weights_only=True)):
+                    break
+            except (OSError, RuntimeError, EOFError):  # replaced while being read: look again
+                pass
+            time.sleep(0.02)
+        os.kill(os.getpid(), signum)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
+def _stopped_mid_epoch(root: Path, batches: int) -> dict:
+    """The checkpoint a stop left: written inside an epoch (some of its batches trained, not all)."""
+    saved = torch.load(_checkpoint(root), weights_only=True)
+    assert 0 < saved["fit"]["step"] < batches, saved["fit"]["step"]
+    return saved
 
 
 @pytest.fixture(scope="module")
@@ -106,16 +141,10 @@ def test_sigterm_in_process_then_resume_gives_the_same_bits(
     assert run_cli(*args, *store_overrides(base)) == 0
     want = _final_metrics(base)
 
-    def kill_after_first_checkpoint() -> None:
-        deadline = time.monotonic() + 300
-        while _checkpoint(stopped) is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    watcher.start()
+    watcher = _stop_when(stopped, lambda blob: True)  # once the first epoch's checkpoint exists
     assert run_cli(*args, *store_overrides(stopped)) == 128 + signal.SIGTERM
     watcher.join()
+    _stopped_mid_epoch(stopped, BATCHES)
     err = capsys.readouterr().err
     assert re.search(r"stopped: SIGTERM stopped after epoch \d+ step \d+ \(checkpoint .*checkpoint.pt", err)
     assert runs_in(stopped).iloc[0]["status"] == "KILLED"
@@ -134,6 +163,50 @@ def test_sigterm_in_process_then_resume_gives_the_same_bits(
     second = MlflowClient().download_artifacts(got[3], "reproducibility-code2.json", str(tmp_path))
     assert json.loads(Path(first).read_text())["git"]["commit"] == started_at
     assert json.loads(Path(second).read_text())["git"] == later
+
+
+LP_FT = [a for a in ARGS if not a.startswith(("trainer.epochs", "mode="))]
+LP_FT += ["mode=lp_ft", "mode.probe_epochs=4", "trainer.epochs=2"]
+BATCHES = 7  # 27 training images in batches of 4 (the last batch of 3)
+
+
+@pytest.mark.parametrize(
+    ("stage", "extra"),
+    [("probe", ["data.augment=true"]), ("finetune", [])],
+    ids=["stopped-in-probe-augmented", "stopped-in-finetune"],
+)
+def test_lp_ft_stopped_in_either_stage_resumes_whole(
+    tmp_path: Path, run_cli, stage: str, extra: list[str]
+) -> None:
+    """A resumed lp_ft run ends with the metrics, histories and artifacts of one never stopped.
+
+    Stopped in the probe (augmented, so its epochs run the frozen backbone live) or in the
+    fine-tune stage, after the probe's metrics and head were computed: both must still be there.
+    """
+    base, stopped = tmp_path / "base", tmp_path / "stopped"
+    assert run_cli(*LP_FT, *extra, *store_overrides(base)) == 0
+    want = _final_metrics(base)
+    assert {"probe_test_accuracy", "probe_best_val_accuracy", "test_accuracy"} <= set(want[0])
+
+    first = 1 if stage == "probe" else 5  # the checkpoint after probe epoch 0 / fine-tune epoch 0
+    watcher = _stop_when(stopped, lambda blob: blob["fit"]["epoch"] >= first)
+    assert run_cli(*LP_FT, *extra, *store_overrides(stopped)) == 128 + signal.SIGTERM
+    watcher.join()
+    saved = _stopped_mid_epoch(stopped, BATCHES)
+    assert run_cli(*LP_FT, *extra, *store_overrides(stopped)) == 0
+    got = _final_metrics(stopped)
+    assert got[2] == "FINISHED" and got[3] == saved["run_id"]
+    assert got[0] == want[0]  # the same metric set, bit for bit: probe_* and test_* alike
+    assert got[1] == want[1]  # every per-epoch history, probe and fine-tune steps
+    assert saved["stage"] == stage  # where it stopped
+    assert ("probe" in saved["finished"]) is (stage == "finetune")  # the probe's results travel with it
+    heads, names = [], []
+    for root, run in ((base, want[3]), (stopped, got[3])):
+        client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+        heads.append(Path(client.download_artifacts(run, "probe_head.pt", str(root / "dl"))).read_bytes())
+        names.append({f.path for f in client.list_artifacts(run)})
+    assert heads[0] == heads[1]
+    assert names[0] <= names[1]  # every artifact of the uninterrupted run (a resume adds its records)
 
 
 @pytest.mark.slow

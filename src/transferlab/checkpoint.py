@@ -5,7 +5,8 @@ A run writes ``<paths.cache_dir>/checkpoints/<config hash>/checkpoint.pt`` after
 SIGINT, once more after the current step. The checkpoint holds the model, the optimizer (and a
 scheduler, when there is one), the loop's :class:`~transferlab.engine.FitState` (epoch, step, that
 epoch's data order and running sums, best state, history), the Python/NumPy/torch/CUDA RNG states
-and the Runner's data-order generator, plus the MLflow run id. Launching the same config again
+and the Runner's data-order generator, the stage it belongs to and the results of the stages
+finished before it (lp_ft's probe: its metrics and head), plus the MLflow run id. Launching the same config again
 finds it by the hash, reopens that MLflow run and continues; on CPU the final metrics are the same
 bits as those of a run that was never stopped. A run that finishes removes its checkpoint.
 
@@ -23,7 +24,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -41,7 +42,7 @@ from transferlab.engine import FitState, Runner, StopRequested
 from transferlab.schemas import ConfigError, TrainConfig, config_hash
 
 log = logging.getLogger("transferlab.checkpoint")
-FORMAT = 1
+FORMAT = 2  # 2: the stage and the results of finished stages
 
 
 # Keys that change where things go or how they are shown, not what is computed: left out of the hash
@@ -97,6 +98,10 @@ class Checkpoint:
     enabled: bool = True
     run_id: str | None = None
     resumed_from: dict[str, int] | None = None  # epoch and step, when resuming
+    stage: str | None = None  # the stage the checkpoint was written in, when resuming
+    # Results of the stages finished before the current one, by stage name: {"metrics": {...},
+    # "head": state dict}. Saved with every checkpoint, so a resume past them still reports them.
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # -- finding ----------------------------------------------------------------------------------
     @classmethod
@@ -119,7 +124,12 @@ class Checkpoint:
         if meta is not None:
             ckpt.run_id = meta["run_id"]
             ckpt.resumed_from = {"epoch": meta["epoch"], "step": meta["step"]}
+            ckpt.stage, ckpt.finished = meta["stage"], meta["finished"]
         return ckpt
+
+    def done_before_stop(self, stage: str, order: list[str]) -> bool:
+        """Did ``stage`` finish before the stop this run resumes from (it comes before the checkpoint's)?"""
+        return self.stage is not None and order.index(stage) < order.index(self.stage)
 
     def _meta(self) -> dict[str, Any] | None:
         try:
@@ -131,7 +141,13 @@ class Checkpoint:
             log.warning("ignoring checkpoint %s written by another format or config", self.path)
             return None
         fit = blob["fit"]
-        return {"run_id": blob["run_id"], "epoch": fit["epoch"], "step": fit["step"]}
+        return {
+            "run_id": blob["run_id"],
+            "epoch": fit["epoch"],
+            "step": fit["step"],
+            "stage": blob["stage"],
+            "finished": blob["finished"],
+        }
 
     @contextmanager
     def held(self) -> Iterator[None]:
@@ -200,6 +216,8 @@ class Checkpoint:
             "scheduler": self._scheduler.state_dict() if self._scheduler is not None else None,
             "fit": dict(vars(state)),  # shallow: tensors are saved, not copied
             "rng": rng_state(runner),
+            "stage": runner.stage.name if runner.stage is not None else None,
+            "finished": self.finished,
         }
         atomic_save(blob, self.path)
 

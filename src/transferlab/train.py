@@ -58,7 +58,6 @@ def train(
     run_name, tags = run_identity(cfg, choices, job)
     # Resume: this config's checkpoint (a killed or preempted run) names the MLflow run to continue.
     ckpt = Checkpoint.for_config(cfg, raw)
-    resumed_epoch = ckpt.resumed_from["epoch"] if ckpt.resumed_from else None
     with (
         ckpt.held(),  # before the run starts: the same config twice at once fails here, clearly
         stop_signals(ckpt) as stop,
@@ -85,13 +84,14 @@ def train(
         fits: list[FitResult] = []
         metrics: dict[str, float] = {}
         for index, stage in enumerate(stages):
-            if resumed_epoch is not None and stage is not stages[-1] and resumed_epoch >= stage.end:
-                continue  # finished before the stop: its result is in the checkpointed model
+            if ckpt.done_before_stop(stage.name, [s.name for s in stages]):
+                metrics |= finished_results(ckpt, stage)  # its model is in the checkpoint, its results too
+                continue
             fits.append(
                 fit_stage(cfg, runner, stage, index, len(stages), counts, ckpt, log_epoch, stop, inputs)
             )
             if stage is not stages[-1]:  # e.g. the linear probe of lp_ft, reported on its own
-                metrics |= intermediate_results(runner, fits[-1], stage)
+                metrics |= intermediate_results(runner, fits[-1], stage, ckpt)
 
         # Test the best-on-validation checkpoint of the last stage, in eval mode.
         test, labels, preds = runner.evaluate(data.splits.test)
@@ -201,14 +201,24 @@ def best_metrics(fit: FitResult, prefix: str = "best_") -> dict[str, float]:
     return {f"{prefix}{k}": v for k, v in best_row.items() if k.startswith("val_")}
 
 
-def intermediate_results(runner: Runner, fit: FitResult, stage: Stage) -> dict[str, float]:
-    """A stage before the last (lp_ft's probe): its own best-on-validation and test metrics, and its head."""
+def intermediate_results(runner: Runner, fit: FitResult, stage: Stage, ckpt: Checkpoint) -> dict[str, float]:
+    """A stage before the last (lp_ft's probe): its own best-on-validation and test metrics, and its head.
+
+    Kept in the checkpoint from here on, so a run stopped in a later stage still reports them.
+    """
     probe_test, _, _ = runner.evaluate(runner.data.splits.test)
-    head = {k: v.detach().cpu() for k, v in runner.model.head.state_dict().items()}
-    tracking.log_state_dict(head, f"{stage.name}_head.pt")
-    return best_metrics(fit, f"{stage.name}_best_") | {
-        f"{stage.name}_test_{k}": v for k, v in probe_test.items()
-    }
+    head = {k: v.detach().cpu().clone() for k, v in runner.model.head.state_dict().items()}
+    metrics = best_metrics(fit, f"{stage.name}_best_")
+    metrics |= {f"{stage.name}_test_{k}": v for k, v in probe_test.items()}
+    ckpt.finished[stage.name] = {"metrics": metrics, "head": head}
+    return finished_results(ckpt, stage)
+
+
+def finished_results(ckpt: Checkpoint, stage: Stage) -> dict[str, float]:
+    """The metrics of a finished stage; its head is (re)written as an artifact (same path, same bytes)."""
+    record = ckpt.finished[stage.name]
+    tracking.log_state_dict(record["head"], f"{stage.name}_head.pt")
+    return dict(record["metrics"])
 
 
 def final_metrics(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,12 +31,17 @@ TINY = [
 
 @pytest.fixture(autouse=True)
 def _clean_global_state() -> Iterator[None]:
-    """Hydra and MLflow keep process-wide state; every test starts from none."""
+    """Hydra and MLflow keep process-wide state, and runs set environment variables (MLflow's HTTP
+    retries, CUBLAS_WORKSPACE_CONFIG): every test starts from none and leaves none behind."""
+    environ = dict(os.environ)
     GlobalHydra.instance().clear()
     yield
     GlobalHydra.instance().clear()
     while mlflow.active_run():
         mlflow.end_run()
+    mlflow.set_tracking_uri(None)  # back to $MLFLOW_TRACKING_URI or MLflow's default
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def store_overrides(root: Path) -> list[str]:

@@ -129,3 +129,18 @@ def test_synthetic_is_learnable_and_seeded() -> None:
     assert a.fingerprint == b.fingerprint and a.num_classes == 3
     assert prepare(SyntheticDataConfig(num_classes=3, split_seed=1), SMALL, "").fingerprint != a.fingerprint
     assert np.unique(a.labels.numpy()).tolist() == [0, 1, 2]
+
+
+def test_every_data_schema_has_a_source_and_a_derived_schema_uses_its_parents() -> None:
+    from dataclasses import dataclass
+
+    from transferlab.schemas import DATA_SCHEMAS
+    from transferlab.sources.registry import SOURCES, source_for
+
+    assert set(DATA_SCHEMAS.values()) == set(SOURCES)  # a schema without a loader would load nothing
+
+    @dataclass
+    class MonoElpv(ElpvDataConfig):
+        cell_type: str = "mono"
+
+    assert source_for(MonoElpv()) is SOURCES[ElpvDataConfig]

@@ -73,7 +73,7 @@ def test_the_articles_loop_would_change_batchnorm() -> None:
 
 
 def test_trainable_parameters_equal_the_head_and_reach_the_optimizer() -> None:
-    """Gotchas: freeze first, swap second (the head stays trainable); only trainable params go to the optimizer."""
+    """Gotchas: the new head trains whatever the stage freezes; only trainable params go to the optimizer."""
     model, optimizer, _, data = _setup("feature_extract", num_classes=3)
     assert model.head.out_features == data.num_classes == 3  # sized from the data, never typed
     assert all(p.requires_grad for p in model.head.parameters())

@@ -61,3 +61,19 @@ def test_code_named_by_a_run_is_never_called(tmp_path: Path, capsys) -> None:
     assert "optimizer.lr: would change what is computed" in capsys.readouterr().err
     mlflow.set_tracking_uri(uri)
     assert len(mlflow.search_runs(search_all_experiments=True)) == 2  # only the two forged runs
+
+
+def test_a_run_whose_first_launch_missed_the_caches_reproduces(
+    run_cli, store, tmp_path: Path, capsys
+) -> None:
+    """The logged run computed its frozen features (feature_cache_hit 0), the rerun reads them (1):
+    cache use and timing are shown, the verdict is the results'."""
+    assert run_cli(*TINY, *store, "mode=feature_extract") == 0
+    logged = runs_in(tmp_path).iloc[0]
+    assert logged["metrics.feature_cache_hit"] == 0
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert reproduce.main([logged["run_id"], "--tracking-uri", uri, *_where(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("feature_cache_hit"))
+    assert row.split()[1:] == ["0", "1", "(bookkeeping)"]
+    assert "identical" in out and " NO" not in out

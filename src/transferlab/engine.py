@@ -163,8 +163,8 @@ class Runner:
         self.pin_memory = cfg.pin_memory and self.device.type == "cuda"
         self.feature_cache = feature_cache
         self.generator = torch.Generator().manual_seed(seed)  # data order and augmentation only
-        self.stage: Stage | None = None
-        self.trainable = Trainable(trains_backbone=False)
+        self.stage: Stage | None = None  # set by enter(): fit() and train_epoch() need one
+        self.trainable: Trainable | None = None
         self.features: torch.Tensor | None = None
 
     def enter(self, stage: Stage) -> Trainable:
@@ -176,12 +176,19 @@ class Runner:
         """
         self.stage, self.features = stage, None
         self.generator.manual_seed(self.seed)
+        # A fresh fp16 grad scaler too: a stage never starts from the scale the one before it reached.
+        self.precision = Precision.for_device(self.device, self.cfg.amp)
         self.trainable = freeze(self.model, stage)
         return self.trainable
 
     @property
     def frozen_features(self) -> bool:
-        return not self.trainable.trains_backbone and not self.augment_inputs
+        return not self._trainable().trains_backbone and not self.augment_inputs
+
+    def _trainable(self) -> Trainable:
+        if self.trainable is None:
+            raise RuntimeError("Runner.enter(stage) must come before fitting: it decides what trains")
+        return self.trainable
 
     def compute_identity(self) -> dict[str, object]:
         """How this runner computes backbone outputs: part of the feature cache's key."""
@@ -226,7 +233,7 @@ class Runner:
         self, optimizer: torch.optim.Optimizer, state: FitState, should_stop: Callable[[], bool]
     ) -> dict[str, float]:
         """Train from ``state.step`` of epoch ``state.epoch`` to its end (all of it unless resuming)."""
-        assert self.stage is not None, "Runner.enter(stage) comes first"
+        self._trainable()
         freeze(self.model, self.stage)  # evaluation left everything in eval mode
         if state.order is None:  # a new epoch: draw its data order (a resumed one keeps its own)
             train_idx = torch.from_numpy(self.data.splits.train)
@@ -315,11 +322,14 @@ class Runner:
         state: FitState | None = None,
         checkpoint: Callable[[FitState], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        publish: Callable[[], None] = lambda: None,
     ) -> FitResult:
         """Train until ``epochs`` are done, from ``state`` when resuming (see :mod:`transferlab.checkpoint`).
 
         ``checkpoint(state)`` runs after every epoch and, when ``should_stop()`` turns true after a
-        step, once more before :class:`StopRequested` is raised.
+        step, once more before :class:`StopRequested` is raised. ``log(row, epoch)`` records an
+        epoch's values, ``publish()`` sends them after its checkpoint: a send that fails for good
+        then never makes a logged epoch train again on resume (see :mod:`transferlab.resilient`).
         """
         feature_seconds = 0.0
         if self.frozen_features:
@@ -348,11 +358,12 @@ class Runner:
                     state.best_value = val[self.cfg.monitor]
                     state.best_epoch = state.epoch
                     # Only what trains can differ from the start; a frozen backbone is not copied.
-                    module = self.model if self.trainable.trains_backbone else self.model.head
+                    module = self.model if self._trainable().trains_backbone else self.model.head
                     state.best_state = copy.deepcopy(module.state_dict())
                 state.next_epoch()
                 if checkpoint is not None:
                     checkpoint(state)
+                publish()
         except StopRequested:
             if checkpoint is not None:
                 checkpoint(state)
@@ -367,5 +378,5 @@ class Runner:
         )
 
     def load_best(self, result: FitResult) -> None:
-        module = self.model if self.trainable.trains_backbone else self.model.head
+        module = self.model if self._trainable().trains_backbone else self.model.head
         module.load_state_dict(result.best_state)

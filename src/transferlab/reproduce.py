@@ -9,7 +9,8 @@ overrides) composed with today's ``conf/``, then every semantic value that diffe
 logged ``config.yaml`` is pinned to the logged value. Nothing the run's files name is imported or
 called on the way: the result goes through the same typed schema as any command line, whose
 ``optimizer._target_`` must be a ``torch.optim`` optimizer (an allow-list), and a ``_target_``
-anywhere else is refused. Exit status 0 when every non-timing metric is identical, 1 otherwise.
+anywhere else is refused. Exit status 0 when every result metric is identical, 1 otherwise: timing
+and cache use (``*_s``, ``*_cache_hit``) are shown beside them but never decide the verdict.
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.schemas import ConfigError, register_configs, semantic_config, to_typed
-from transferlab.tracking import flatten
+from transferlab.tracking import flatten, is_bookkeeping
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-TIMING = ("wall_time_s", "epoch_time_s", "images_per_s", "feature_extract_s")
 # What a rerun may change: where things go and what hardware runs them, never what is computed.
 WHERE = ("paths.", "mlflow.", "trainer.device=", "trainer.progress=", "trainer.num_workers=")
 # Logged overrides that said where the original run lived: today's run lives here.
@@ -105,10 +105,10 @@ def _table(old: dict[str, float], new: dict[str, float]) -> tuple[str, bool]:
     same = True
     for key in keys:
         a, b = old.get(key), new.get(key)
-        timing = key in TIMING
+        bookkeeping = is_bookkeeping(key)  # timing and cache hits: shown, never the verdict
         equal = a == b
-        same &= equal or timing
-        mark = "(timing)" if timing else ("yes" if equal else "NO")
+        same &= equal or bookkeeping
+        mark = "(bookkeeping)" if bookkeeping else ("yes" if equal else "NO")
         fmt = lambda v: "-" if v is None else f"{v:.6g}"  # noqa: E731
         rows.append(f"{key:<28} {fmt(a):>16} {fmt(b):>16}  {mark}")
     return "\n".join(rows), same

@@ -4,12 +4,17 @@
   (minutes). For an ``http(s)://`` store we lower that to one retry and ``mlflow.request_timeout_s``
   per request, unless the user set ``MLFLOW_HTTP_REQUEST_*`` themselves, so an unreachable server
   is reported by ``setup_experiment`` within seconds, before any compute.
-* During the run: per-epoch metrics go through :class:`EpochLog`. When a send fails with a
+* During the run: per-epoch metrics go through :class:`EpochLog`, exactly once per step whatever
+  fails when. An epoch's values are first written to a spool file beside the checkpoint, then the
+  epoch's checkpoint is written, then the values are sent (``publish``). When a send fails with a
   transient error (no connection, timeout, HTTP 5xx) the values keep their original timestamps and
-  steps, wait in memory *and* in a spool file beside the checkpoint, and training goes on; each
-  later epoch retries, and the end of the run waits (back-off) until all are sent. Nothing is lost.
-* A longer outage than ``mlflow.max_outage_s`` ends the run with one clear line; the checkpoint and
-  the spool stay, and the same command resumes the run and replays the spool once the server is back.
+  steps, stay in the spool, and training goes on; each later epoch retries, and the end of the run
+  waits (back-off) until all are sent.
+* A longer outage than ``mlflow.max_outage_s`` ends the run with one clear line, after the epoch's
+  checkpoint: the checkpoint and the spool stay, and the same command resumes the run after that
+  epoch and replays the spool once the server is back. A resume drops spooled values of the epochs
+  its checkpoint does not hold (they are trained and logged again), and a replay of values already
+  sent is harmless: a SQL store keeps one row per (key, value, timestamp, step).
 
 MLflow's own asynchronous logging (``log_metrics(synchronous=False)``) was not used: it does not
 survive an outage longer than its retries, and its queue lives only in the process.
@@ -95,9 +100,13 @@ def retry(call: Callable[[], T], what: str) -> T:
 
 
 class EpochLog:
-    """The ``log(row, epoch)`` callback of the training loop: never blocks on a dead server."""
+    """The ``log(row, epoch)`` callback of the training loop: never blocks on a dead server.
 
-    def __init__(self, run_id: str, spool_dir: Path) -> None:
+    ``resume_step``: the epoch a resumed run's checkpoint continues at; spooled values of that
+    step and later are dropped (that epoch is trained and logged again).
+    """
+
+    def __init__(self, run_id: str, spool_dir: Path, resume_step: int | None = None) -> None:
         self.client = MlflowClient()
         self.run_id = run_id
         self.spool = spool_dir / SPOOL
@@ -105,17 +114,31 @@ class EpochLog:
         self.outage_since: float | None = None
         if self.spool.exists():  # left by a run that stopped during an outage: replay it first
             rows = [json.loads(line) for line in self.spool.read_text().splitlines() if line]
-            self.pending = [Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in rows]
+            keep = [
+                r
+                for r in rows
+                if r.get("run_id") == run_id and (resume_step is None or r["step"] < resume_step)
+            ]
+            if len(keep) < len(rows):
+                log.info("dropping %d kept value(s) of epochs this run trains again", len(rows) - len(keep))
+            self.pending = [Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in keep]
             log.info("replaying %d metric value(s) kept during an outage", len(self.pending))
             self.flush(block=True)
 
     def __call__(self, row: dict[str, float], step: int) -> None:
+        """Record an epoch's values: on disk at once, sent by :meth:`publish` after the checkpoint."""
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in row.items()]
+        self._write_spool()
+
+    def publish(self) -> None:
+        """Send what is pending without blocking; past ``mlflow.max_outage_s`` of outage, stop the run."""
         self.flush(block=False)
 
     def flush(self, block: bool = True) -> None:
         """Send what is pending; ``block``: wait (with back-off) until sent or the limit is reached."""
+        if not self.pending:
+            return
         if block:
             retry(lambda: self._send(), f"send {len(self.pending)} kept metric value(s)")
             return
@@ -129,7 +152,6 @@ class EpochLog:
                 log.warning(
                     "tracking server unreachable: keeping metrics in %s, training goes on", self.spool
                 )
-            self._write_spool()
             if time.monotonic() - self.outage_since > _max_outage_s:
                 raise _outage_error(
                     self.outage_since, f"{len(self.pending)} metric value(s) kept in {self.spool}"
@@ -151,7 +173,8 @@ class EpochLog:
         self.spool.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.spool.with_suffix(".tmp")
         rows = [
-            {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self.pending
+            {"run_id": self.run_id, "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+            for m in self.pending
         ]
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, self.spool)

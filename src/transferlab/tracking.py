@@ -33,6 +33,16 @@ from transferlab.versions import package_versions
 _log = logging.getLogger("transferlab.tracking")
 
 
+def is_bookkeeping(metric: str) -> bool:
+    """How long a run took and which caches served it, not what it computed: shown, never compared.
+
+    Timing (``wall_time_s``, ``epoch_time_s``, ``feature_extract_s``, ``input_load_s``, ``images_per_s``)
+    and cache use (``feature_cache_hit``, ``input_cache_hit``) differ between two runs of one config
+    whenever the first filled a cache the second reads.
+    """
+    return metric.endswith(("_s", "_cache_hit"))
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: MLflow params are flat; lists stay one value."""
     out: dict[str, Any] = {}

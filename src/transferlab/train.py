@@ -78,7 +78,8 @@ def train(
         features = FeatureCache(cfg.paths.cache_dir, built) if cfg.trainer.feature_cache else None
         runner = Runner(model, data, cfg.trainer, cfg.seed, cfg.data.augment, features)
         # Per-epoch metrics survive a tracking-server outage (kept beside the checkpoint, replayed).
-        log_epoch = EpochLog(run.info.run_id, ckpt.path.parent)
+        resume_step = ckpt.resumed_from["epoch"] if ckpt.resumed_from else None
+        log_epoch = EpochLog(run.info.run_id, ckpt.path.parent, resume_step)
 
         stages = cfg.mode.stages(cfg.trainer.epochs, cfg.optimizer.lr)  # lp_ft: probe, then finetune
         fits: list[FitResult] = []
@@ -190,6 +191,7 @@ def fit_stage(
         state=resume_state,
         checkpoint=ckpt.save,
         should_stop=stop.requested,
+        publish=log_epoch.publish,
     )
     runner.load_best(fit)  # the best-on-validation checkpoint: tested, or the next stage's start
     return fit

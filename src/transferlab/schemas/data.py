@@ -1,7 +1,7 @@
 """``conf/data/``: the fields every dataset shares, and one schema per source.
 
-Each schema is the key of its loader in :mod:`transferlab.sources` (a new source is one schema
-here, one module there, one YAML file under ``conf/data/``).
+Each schema is the key of its loader in :mod:`transferlab.sources.registry` (a new source is one
+schema here with its ``DATA_SCHEMAS`` entry, one module there, one YAML file under ``conf/data/``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What every dataset source provides: its images not yet decoded, and an identity found without decoding.
 
-A source is registered by its config schema (:data:`transferlab.sources.SOURCES`): ``load`` returns a
+A source is registered by its config schema (:data:`transferlab.sources.registry.SOURCES`): ``load`` returns a
 :class:`RawDataset`; ``identity`` says what the decoded images come from (a folder's listing and the
 package versions) so that the decoded-input cache can key them, or None when they are not worth
 caching; ``check`` is the pre-flight that runs before any compute (most sources have nothing to check).

@@ -1,8 +1,9 @@
 """The dataset sources by config schema: ``data.load_raw`` and the input cache look them up here.
 
-A new source is one schema (:mod:`transferlab.schemas.data`), one module here providing ``SCHEMA``
-and ``SOURCE`` (a :class:`~transferlab.sources.base.Source`), one YAML file under ``conf/data/``, and
-its line in the tuple below.
+A new source is one schema in :mod:`transferlab.schemas.data` (with its ``DATA_SCHEMAS`` entry, which
+names it in Hydra's ConfigStore), one module in this package providing ``SCHEMA`` and ``SOURCE`` (a
+:class:`~transferlab.sources.base.Source`), its line in the tuple below, and one YAML file under
+``conf/data/`` (tests/test_data.py checks that every schema has a source).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ SOURCES: dict[type[DataConfig], Source] = {
 
 
 def source_for(cfg: DataConfig) -> Source:
-    """The source of a data config, by its exact schema (a subclass is a source of its own)."""
-    try:
-        return SOURCES[type(cfg)]
-    except KeyError:
-        raise ConfigError(
-            "data",
-            f"no loader for {type(cfg).__name__}",
-            "choose data=elpv, imagefolder, synthetic or a torchvision set",
-        ) from None
+    """The source of a data config: its schema's, or the nearest registered base schema's."""
+    for schema in type(cfg).__mro__:
+        if schema in SOURCES:
+            return SOURCES[schema]
+    raise ConfigError(
+        "data",
+        f"no loader for {type(cfg).__name__}",
+        "choose data=elpv, imagefolder, synthetic or a torchvision set",
+    )

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 UI_PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow lint format ui report bench gpu-check clean clean-cache
+.PHONY: help install demo test test-slow test-guarantees lint format ui report bench gpu-check clean clean-cache
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -25,8 +25,11 @@ demo: $(STAMP) ## the main job: feature extraction vs full fine-tuning on ELPV w
 test: $(STAMP) ## the default test suite (a few minutes on 2 CPU cores)
 	$(BIN)/python -m pytest
 
-test-slow: $(STAMP) ## real-data tests (ELPV, real backbones)
+test-slow: $(STAMP) ## real-data tests (ELPV, real backbones) and the slow guarantee tests
 	$(BIN)/python -m pytest -m slow
+
+test-guarantees: $(STAMP) ## the slow tests the README's guarantee table rests on (real signals, a real tracking server)
+	$(BIN)/python -m pytest -m "slow and guarantee"
 
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check src tests

@@ -99,3 +99,30 @@ def run_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
 def runs_in(tmp_path: Path, experiment: str = "transferlab"):  # noqa: ANN201 - a DataFrame
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     return mlflow.search_runs(experiment_names=[experiment], search_all_experiments=False)
+
+
+def make_runner(model, data, trainer, seed: int, augment: bool, stage, features=None):  # noqa: ANN001, ANN201
+    """A Runner as ``train.py`` builds one: once per run, then ``enter(stage)`` decides what trains."""
+    from transferlab.engine import Runner
+
+    runner = Runner(model, data, trainer, seed, augment, features)
+    runner.enter(stage)
+    return runner
+
+
+def runner_for_config(cfg, data_dir: str, features_root: Path | None = None):  # noqa: ANN001, ANN201
+    """``train.py``'s steps up to fitting, for a typed config: seed, backbone, data, head, Runner in
+    the stage that trains the most (the last). Returns the runner and its feature cache (or None)."""
+    from transferlab.backbones import build_backbone
+    from transferlab.cache import FeatureCache
+    from transferlab.data import prepare
+    from transferlab.modes import make_model
+    from transferlab.train import seed_everything
+
+    seed_everything(cfg.seed)
+    built = build_backbone(cfg.backbone)
+    data = prepare(cfg.data, built.preprocess, data_dir)
+    model = make_model(built.model, data.num_classes)
+    features = FeatureCache(features_root, built) if features_root is not None else None
+    stage = cfg.mode.stages(cfg.trainer.epochs, cfg.optimizer.lr)[-1]
+    return make_runner(model, data, cfg.trainer, cfg.seed, cfg.data.augment, stage, features), features

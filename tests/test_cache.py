@@ -19,11 +19,9 @@ from transferlab.backbones import build_backbone
 from transferlab.cache import FeatureCache, TensorStore, prepare_cached
 from transferlab.data import prepare
 from transferlab.engine import Runner
-from transferlab.modes import make_model
 from transferlab.schemas import to_typed
-from transferlab.train import seed_everything
 
-from .conftest import TINY, runs_in
+from .conftest import TINY, runner_for_config, runs_in
 
 # Real ImageNet weights (bundled, offline) at 32 px: the key must not depend on the seed then.
 PRETRAINED = [
@@ -39,14 +37,7 @@ def make_runner(compose_cfg, tmp_path: Path) -> Callable[..., tuple[Runner, Feat
 
     def _make(*overrides: str) -> tuple[Runner, FeatureCache]:
         cfg = to_typed(compose_cfg(*overrides))
-        seed_everything(cfg.seed)
-        built = build_backbone(cfg.backbone)
-        data = prepare(cfg.data, built.preprocess, str(tmp_path))
-        model = make_model(built.model, data.num_classes)
-        features = FeatureCache(tmp_path / "cache", built)
-        runner = Runner(model, data, cfg.trainer, cfg.seed, cfg.data.augment, features)
-        runner.enter(cfg.mode.stages(cfg.trainer.epochs, cfg.optimizer.lr)[0])
-        return runner, features
+        return runner_for_config(cfg, str(tmp_path), tmp_path / "cache")
 
     return _make
 

@@ -37,7 +37,7 @@ from transferlab.schemas import (
     TrainerConfig,
 )
 
-from .conftest import CONF_DIR, TINY, runs_in
+from .conftest import CONF_DIR, TINY, make_runner, runs_in
 
 NUM_CLASSES = 3
 BACKBONES = {
@@ -87,9 +87,7 @@ def _model(backbone: str, seed: int = 0):
 
 def _runner(model, built, stage, seed: int = 0) -> Runner:
     data = prepare(SyntheticDataConfig(num_classes=NUM_CLASSES, images_per_class=12), built.preprocess, "")
-    runner = Runner(model, data, TrainerConfig(epochs=1, batch_size=8, progress=False), seed, False)
-    runner.enter(stage)
-    return runner
+    return make_runner(model, data, TrainerConfig(epochs=1, batch_size=8, progress=False), seed, False, stage)
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,14 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from transferlab.backbones import build_backbone
-from transferlab.data import prepare
 from transferlab.engine import Runner
-from transferlab.modes import make_model
 from transferlab.schemas import to_typed
-from transferlab.train import seed_everything
 
-from .conftest import TINY
+from .conftest import TINY, runner_for_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Real ImageNet weights, a convolutional network where channels_last changes the kernels used.
@@ -29,13 +25,7 @@ LITE0 = [o for o in TINY if not o.startswith("backbone")] + [
 
 def _runner(compose_cfg, *overrides: str) -> Runner:
     cfg = to_typed(compose_cfg(*LITE0, "trainer.feature_cache=false", *overrides))
-    seed_everything(cfg.seed)
-    built = build_backbone(cfg.backbone)
-    data = prepare(cfg.data, built.preprocess, "")
-    model = make_model(built.model, data.num_classes)
-    runner = Runner(model, data, cfg.trainer, cfg.seed, cfg.data.augment)
-    runner.enter(cfg.mode.stages(cfg.trainer.epochs, cfg.optimizer.lr)[-1])
-    return runner
+    return runner_for_config(cfg, "")[0]
 
 
 # Fine-tuning backpropagates through both layouts (oneDNN builds kernels per layout): minutes on 2 cores.

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from transferlab.backbones import build_backbone
 from transferlab.data import prepare
-from transferlab.engine import Runner, training_batches
+from transferlab.engine import training_batches
 from transferlab.modes import count_parameters, freeze, make_model, trainable_parameters
 from transferlab.schemas import (
     MODE_SCHEMAS,
@@ -18,6 +18,8 @@ from transferlab.schemas import (
     SyntheticDataConfig,
     TrainerConfig,
 )
+
+from .conftest import make_runner
 
 
 def _stage(mode_name: str) -> Stage:
@@ -36,8 +38,8 @@ def _setup(mode_name: str, augment: bool = False, num_classes: int = 3, seed: in
         "",
     )
     model = make_model(built.model, data.num_classes)
-    runner = Runner(model, data, TrainerConfig(epochs=2, batch_size=8, progress=False), seed, augment)
-    runner.enter(_stage(mode_name))
+    trainer = TrainerConfig(epochs=2, batch_size=8, progress=False)
+    runner = make_runner(model, data, trainer, seed, augment, _stage(mode_name))
     lr = 1e-2  # large enough that a step visibly moves every trained tensor
     optimizer = instantiate(AdamConfig(lr=lr))(trainable_parameters(model))
     return model, optimizer, runner, data
@@ -148,8 +150,9 @@ def test_a_last_batch_of_one_image_does_not_crash_batchnorm() -> None:
     data.splits.train = data.splits.train[:17]
     assert len(data.splits.train) == 17
     model = make_model(built.model, data.num_classes)
-    runner = Runner(model, data, TrainerConfig(batch_size=8, progress=False), 0, False)
-    runner.enter(_stage("full_finetune"))
+    runner = make_runner(
+        model, data, TrainerConfig(batch_size=8, progress=False), 0, False, _stage("full_finetune")
+    )
     optimizer = instantiate(AdamConfig(lr=1e-3))(trainable_parameters(model))
     fit = runner.fit(optimizer, 1, lambda row, step: None)
     assert fit.history[0]["train_accuracy"] * 17 == round(fit.history[0]["train_accuracy"] * 17)

@@ -210,6 +210,7 @@ def test_lp_ft_stopped_in_either_stage_resumes_whole(
 
 
 @pytest.mark.slow
+@pytest.mark.guarantee
 def test_sigterm_then_sigkill_then_resume_gives_the_same_bits(tmp_path: Path, uninterrupted) -> None:
     # 1. SIGTERM once the first epoch's checkpoint exists: finish the step, save, KILLED, exit 143.
     proc = _launch(tmp_path)
@@ -245,6 +246,7 @@ def test_sigterm_then_sigkill_then_resume_gives_the_same_bits(tmp_path: Path, un
 
 
 @pytest.mark.slow
+@pytest.mark.guarantee
 def test_sigint_is_a_graceful_stop_too(tmp_path: Path, uninterrupted) -> None:
     proc = _launch(tmp_path)
     _wait_for(lambda: _checkpoint(tmp_path) is not None, proc, "first checkpoint")
@@ -327,6 +329,7 @@ def _submitit_task(root: Path) -> int | None:
 
 
 @pytest.mark.slow
+@pytest.mark.guarantee
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the task process in /proc")
 def test_a_preempted_submitit_job_requeues_and_resumes_the_same_run(
     tmp_path: Path, run_cli, uninterrupted

@@ -161,6 +161,7 @@ def test_a_run_stopped_by_the_outage_limit_mid_training_resumes_with_one_value_p
 
 
 @pytest.mark.slow
+@pytest.mark.guarantee
 def test_an_outage_mid_run_loses_no_metric_and_a_long_one_stops_with_the_checkpoint_kept(
     tmp_path: Path,
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,15 @@ def _supported_formats(folder: Path) -> dict[str, np.ndarray]:
     flat = _pattern().copy()
     flat[:, :5] = 255
     expected["rgba.png"] = flat
-    palette = Image.fromarray(_pattern()).quantize(colors=16)
+    # Palette and CMYK: the expected pixels are written down, not computed by the PIL call under test.
+    colours = np.array([[255, 0, 0], [0, 128, 0], [0, 0, 255], [255, 255, 255]], dtype=np.uint8)
+    indices = (np.arange(20)[None, :] // 5 + np.zeros((20, 1), dtype=int)).astype(np.uint8)  # 4 stripes
+    palette = Image.fromarray(indices, "P")
+    palette.putpalette(colours.flatten().tolist())
     palette.save(folder / "palette.gif")
-    expected["palette.gif"] = np.asarray(palette.convert("RGB"))
-    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(folder / "cmyk.jpg", quality=100)
-    expected["cmyk.jpg"] = np.asarray(Image.open(folder / "cmyk.jpg").convert("RGB"))
+    expected["palette.gif"] = colours[indices]
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(folder / "cmyk.jpg", quality=100)  # no black ink
+    expected["cmyk.jpg"] = np.tile(np.array([255, 0, 0], dtype=np.uint8), (20, 20, 1))  # C=0 M=Y=255: red
     # A phone photo stored sideways with EXIF Orientation=6 (rotate 90 degrees clockwise to view).
     stored = Image.fromarray(_pattern())
     exif = stored.getexif()
@@ -71,7 +76,12 @@ def _broken(folder: Path) -> dict[str, str]:
     (folder / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20)
     (folder / "notes.txt").write_text("not an image")
     (folder / "empty.jpg").write_bytes(b"")
-    return {"truncated.jpg": "decode", "garbage.png": "", "notes.txt": "not an image", "empty.jpg": "empty"}
+    return {
+        "truncated.jpg": "decode",
+        "garbage.png": "decode",
+        "notes.txt": "not an image",
+        "empty.jpg": "empty",
+    }
 
 
 def test_supported_formats_decode_correctly(tmp_path: Path) -> None:
@@ -195,3 +205,32 @@ def test_an_unchanged_folder_is_checked_from_disk_and_a_changed_file_rescanned(
     decoded.clear()
     assert load_raw(cfg, "", str(tmp_path / "cache")).sources == changed.sources
     assert decoded  # scanned anew
+
+
+def test_the_tracking_server_and_the_weights_are_checked_before_any_image_is_decoded(
+    tmp_path: Path, run_cli, store, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Fail fast in the promised order: an unreachable server or missing weights are reported
+    before the image-folder check decodes a single file; with both fine, that check runs."""
+    from huggingface_hub import constants
+
+    from transferlab import validate
+
+    root = _folder(tmp_path)
+    decoded: list[str] = []
+    real_check = validate.check_image
+    monkeypatch.setattr(validate, "check_image", lambda p: decoded.append(p.name) or real_check(p))
+    data = ["data=imagefolder", f"data.root={root}", "data.on_bad_image=skip", "data.cache=false"]
+    tiny = ["backbone=timm", "backbone.name=test_efficientnet", "trainer.epochs=1", "trainer.progress=false"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+    assert run_cli(*data, *tiny, "backbone.weights=null", *store, f"mlflow.tracking_uri={nobody}") == 2
+    assert "cannot reach" in capsys.readouterr().err and decoded == []
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert run_cli(*data, *tiny, "backbone.weights=pretrained", *store) == 2
+    assert "error: backbone.weights: cannot load pretrained timm weights" in capsys.readouterr().err
+    assert decoded == []
+    assert run_cli(*data, *tiny, "backbone.weights=null", *store) == 0
+    assert decoded  # the check itself still runs, after the others

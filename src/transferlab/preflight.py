@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -25,7 +26,7 @@ from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from transferlab.schemas import ConfigError, to_typed
+from transferlab.schemas import ConfigError, register_configs, to_typed
 
 # Flags after which Hydra composes nothing or from another config tree: leave those to Hydra.
 _SKIP_FLAGS = ("help", "hydra_help", "shell_completion", "config_path", "config_dir", "experimental_rerun")
@@ -176,6 +177,31 @@ def check_overrides(argv: list[str], conf_dir: Path, config_name: str) -> None:
                 return  # not a config problem we understand: Hydra reports it as it would
             print(f"error: {line}", file=sys.stderr)
             sys.exit(2)
+
+
+# Hydra's flags that print something from the config and run no job.
+_INFO_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion")
+
+
+def answer_without_compute(argv: list[str], conf_dir: Path, config_name: str) -> None:
+    """An entrypoint's first step, run before torch, timm, torchvision and MLflow are imported
+    (seconds on a small machine): a bad override is refused (exit 2), and ``--help``,
+    ``--hydra-help``, ``--cfg``, ``--info`` and ``--shell-completion`` are answered by Hydra from
+    the config alone (exit 0). Anything else returns, for the real entrypoint to run."""
+    from hydra._internal.utils import get_args_parser
+
+    register_configs()  # the schemas the YAML options extend
+    check_overrides(argv, conf_dir, config_name)
+    args, _ = get_args_parser().parse_known_args(argv)
+    if not any(getattr(args, flag, None) for flag in _INFO_FLAGS):
+        return
+    # Hydra answers these flags itself, before calling the task function: it never runs.
+    hydra.main(version_base="1.3", config_path=str(conf_dir), config_name=config_name)(_no_task)()
+    sys.exit(0)
+
+
+def _no_task(cfg: DictConfig) -> None:
+    raise AssertionError("unreachable: Hydra answers its information flags without running the task")
 
 
 def _explainable(exc: Exception) -> bool:

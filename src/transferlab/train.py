@@ -8,11 +8,21 @@ python -m transferlab.train --help                            # config groups an
 
 from __future__ import annotations
 
-import logging
-import random
 import sys
-import time
 from pathlib import Path
+
+# Absolute, so the entrypoint finds conf/ both as `python -m transferlab.train` and when imported.
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+if __name__ == "__main__":
+    # Before torch, timm, torchvision and MLflow are imported (about 9 s on 2 cores): a bad override
+    # is refused, and --help / --cfg are answered, from the config alone, in about a second.
+    from transferlab.preflight import answer_without_compute
+
+    answer_without_compute(sys.argv[1:], CONF_DIR, "train")
+
+import logging  # after the fast path above (E402 is allowed in this file: pyproject.toml)
+import random
+import time
 
 import hydra
 import numpy as np
@@ -35,8 +45,6 @@ from transferlab.resilient import EpochLog, retry
 from transferlab.schemas import ConfigError, Stage, TrainConfig, config_hash, register_configs, to_typed
 
 log = logging.getLogger("transferlab.train")
-# Absolute, so the entrypoint finds conf/ both as `python -m transferlab.train` and when imported.
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 register_configs()
 
 
@@ -55,6 +63,7 @@ def train(
     seed_everything(cfg.seed)  # before any module is built: random init and the head depend on it
     set_deterministic(cfg.trainer.deterministic)
     built = build_checked_backbone(cfg)
+    check_data(cfg.data, cfg.paths.cache_dir if cfg.data.cache else None)  # last: it may decode every image
     run_name, tags = run_identity(cfg, choices, job)
     # Resume: this config's checkpoint (a killed or preempted run) names the MLflow run to continue.
     ckpt = Checkpoint.for_config(cfg, raw)
@@ -109,10 +118,12 @@ def train(
 
 # -- the steps of train(), in the order it takes them ---------------------------------------------
 def preflight(cfg: TrainConfig) -> str:
-    """Every check that needs no compute, so bad input fails in seconds and logs no run."""
+    """The checks that read nothing heavy, so bad input fails in seconds and logs no run: the tracking
+    server, then the backbone's name. (Settings were checked by the schemas; the weights and the data
+    follow, in that order: an image folder's check decodes every file, so it comes last.)"""
+    experiment_id = tracking.setup_experiment(cfg.mlflow)
     check_backbone_name(cfg.backbone)
-    check_data(cfg.data, cfg.paths.cache_dir if cfg.data.cache else None)  # the check is kept there
-    return tracking.setup_experiment(cfg.mlflow)
+    return experiment_id
 
 
 def seed_everything(seed: int) -> None:
@@ -278,4 +289,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    main()  # its overrides were checked at the top, before the heavy imports

@@ -258,6 +258,35 @@ def test_sigint_is_a_graceful_stop_too(tmp_path: Path, uninterrupted) -> None:
     assert status == "FINISHED" and (final, history) == uninterrupted[:2]
 
 
+def test_a_second_signal_stops_at_once_without_the_graceful_save(tmp_path: Path) -> None:
+    """The first SIGTERM asks for a stop after the step; a second, right behind it, interrupts at once:
+    no checkpoint is written for the stop (the last epoch's stays), the run ends KILLED saying so."""
+    # One step of about a second per epoch (27 images of 160 px in one batch), so the second signal,
+    # sent as soon as the first one's warning is logged, lands inside the step that the first let run on.
+    slow = ("trainer.epochs", "trainer.batch_size", "data.image_size", "backbone.image_size")
+    args = [a for a in ARGS if not a.startswith(slow)]
+    args += ["trainer.epochs=50", "trainer.batch_size=32", "data.image_size=160", "backbone.image_size=160"]
+    log = tmp_path / "train.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transferlab.train", *args, *store_overrides(tmp_path)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    _wait_for(lambda: _checkpoint(tmp_path) is not None, proc, "first checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while "send it again to stop at once" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) not in (0, 128 + signal.SIGTERM)  # not the graceful exit code
+    text = log.read_text()
+    assert "KeyboardInterrupt: second SIGTERM" in text and "stopped: SIGTERM" not in text
+    saved = torch.load(_checkpoint(tmp_path), weights_only=True)
+    assert saved["fit"]["step"] == 0  # the epoch-end checkpoint: nothing was saved mid-epoch
+    run = runs_in(tmp_path).iloc[0]
+    assert run["status"] == "KILLED" and run["tags.error"] == "interrupted: second SIGTERM"
+
+
 def test_the_same_config_twice_at_once_fails_the_second_before_its_run(
     tmp_path: Path, run_cli, compose_cfg, capsys
 ) -> None:
@@ -274,16 +303,33 @@ def test_the_same_config_twice_at_once_fails_the_second_before_its_run(
     assert not ckpt.path.parent.exists()  # finished: checkpoint, lock and folder removed
 
 
+def _statuses(root: Path) -> dict[str, str]:
+    runs = runs_in(root)
+    return dict(zip(runs["run_id"], runs["status"], strict=True))
+
+
 def test_resume_false_starts_a_new_run_and_resume_run_must_match(tmp_path: Path, run_cli, capsys) -> None:
-    """In-process: a checkpoint left by a stop, then resume=false and a wrong resume_run."""
-    store = store_overrides(tmp_path)
-    short = [*ARGS, "trainer.epochs=1", *store]
-    os.environ.pop("TL_NEVER_SET", None)
-    assert run_cli(*short) == 0
+    """In-process, with a checkpoint really left by a stop: a wrong resume_run is refused, the
+    matching one resumes that run, a finished run leaves no checkpoint, resume=false starts anew."""
+    args = [*ARGS, "trainer.epochs=3", *store_overrides(tmp_path)]
+    watcher = _stop_when(tmp_path, lambda blob: True)
+    assert run_cli(*args) == 128 + signal.SIGTERM
+    watcher.join()
+    (stopped,) = _statuses(tmp_path)
+    assert run_cli(*args, "resume_run=0123abcd") == 2
+    assert "resume_run: no checkpoint of run 0123abcd for this config" in capsys.readouterr().err
+    assert run_cli(*args, f"resume_run={stopped}") == 0
+    assert _statuses(tmp_path) == {stopped: "FINISHED"}  # the same run, resumed
     assert _checkpoint(tmp_path) is None  # finished runs leave no checkpoint
-    assert run_cli(*short, "resume_run=0123abcd") == 2
-    assert "resume_run: no checkpoint of run 0123abcd" in capsys.readouterr().err
-    assert len(runs_in(tmp_path)) == 1
+    # A checkpoint present and resume=false: a new run; the stopped one stays as it was.
+    watcher = _stop_when(tmp_path, lambda blob: True)
+    assert run_cli(*args) == 128 + signal.SIGTERM
+    watcher.join()
+    second = next(r for r, s in _statuses(tmp_path).items() if s == "KILLED")
+    assert run_cli(*args, "resume=false") == 0
+    statuses = _statuses(tmp_path)
+    assert len(statuses) == 3 and statuses[second] == "KILLED" and statuses[stopped] == "FINISHED"
+    assert list(statuses.values()).count("FINISHED") == 2
 
 
 def test_checkpoint_state_roundtrips_with_weights_only(tmp_path: Path) -> None:

@@ -119,8 +119,15 @@ def test_config_hash_ignores_paths_tracking_and_display(compose_cfg, tmp_path: P
         "sweep.name=a_name",
         "sweep.resume=false",
         "optimizer.lr=0.001",  # the mode's default, spelt out
+        "trainer.num_workers=2",
+        "trainer.checkpoint=false",
+        "mlflow.max_outage_s=5",
+        f"paths.cache_dir={tmp_path}/other-cache",
     ]
     assert config_hash(to_typed(compose_cfg(*FAST, *same))) == base
+    # How a launch resumes is not what it computes: a relaunch with these still finds its checkpoint.
+    assert config_hash(to_typed(compose_cfg(*FAST, "resume=false"))) == base
+    assert config_hash(to_typed(compose_cfg(*FAST, "resume_run=0123abcd"))) == base
     for different in (
         "optimizer.lr=0.01",
         "seed=1",

@@ -322,3 +322,28 @@ def test_the_random_init_control_is_paired_with_its_pretrained_twin_not_with_fea
     tex = (out / "report.tex").read_text()
     assert "Pretrained minus random initialisation" in tex and "No feature\\_extract run" in tex
     assert "−" not in tex and "·" not in tex  # not in pdflatex's default input encoding
+
+
+def test_cost_from_scratch_counts_the_feature_pass_once_and_apart_from_the_cache() -> None:
+    """Three seeds of feature extraction: the first computed the frozen features (a cache miss, 90 s
+    of its 100 s), the others read them (0.5 s). Wall time says 40.3 ± 51.7 s; the cost columns say what
+    an arm costs from scratch: the head's training time, and the pass once."""
+    logged = [
+        {"wall_time_s": 100.0, "feature_extract_s": 90.0, "feature_cache_hit": 0.0},
+        {"wall_time_s": 11.0, "feature_extract_s": 0.5, "feature_cache_hit": 1.0},
+        {"wall_time_s": 10.0, "feature_extract_s": 0.5, "feature_cache_hit": 1.0},
+    ]
+    rows = [
+        {"mode": "feature_extract", "seed": seed, **report.cost_columns(m), **m, "test_accuracy": 0.8}
+        for seed, m in enumerate(logged)
+    ]
+    rows.append({"mode": "full_finetune", "seed": 0, "wall_time_s": 400.0, "test_accuracy": 0.8})
+    rows[-1] |= report.cost_columns({"wall_time_s": 400.0, "feature_extract_s": 0.0})
+    df = pd.DataFrame(rows).reindex(columns=["mode", "seed", *report.METRICS])
+    stats = report.summary(df, ["mode"]).set_index("mode")
+    fe, ft = stats.loc["feature_extract"], stats.loc["full_finetune"]
+    assert fe["train_time_s_mean"] == pytest.approx(10.0) and fe["train_time_s_std"] == pytest.approx(0.5)
+    assert fe["feature_pass_s_mean"] == pytest.approx(90.0)  # from the run that computed it, once
+    assert fe["from_scratch_s_mean"] == pytest.approx(100.0)
+    assert fe["wall_time_s_std"] > 50  # what the wall-time column alone would have said
+    assert ft["feature_pass_s_mean"] == 0 and ft["from_scratch_s_mean"] == pytest.approx(400.0)

@@ -20,6 +20,14 @@ from mlflow import MlflowClient
 
 from transferlab.report_stats import BASE, METRICS, PAIRED, RANDOM_INIT, WEIGHTS, Analysis, Reference, _shown
 
+# What the cost columns mean, under the summary table.
+COSTS = (
+    "Costs: wall time depends on which run filled the feature cache (the first pays the frozen "
+    "backbone's pass, the others load it). train time = wall time − the feature pass or its loading; "
+    "feature pass, once = the pass as timed by the runs that computed it (– where every run read it "
+    "from the cache); from scratch = mean train time + the pass once, what the arm costs on its own."
+)
+
 
 def _cell(mean: float, std: float, metric: str, pm: str) -> str:
     _, scale, decimals = METRICS[metric]
@@ -220,7 +228,7 @@ def write_report(
     grouped = f"{len(df)} FINISHED run(s) grouped by {', '.join(groups) or '(nothing swept)'}"
     if extra:
         grouped += f" ({', '.join(extra)}: not swept, but differ between runs of one group)"
-    parts = [f"# {title}", f"{grouped}; mean ± std (sample std over seeds) and n.", markdown(table)]
+    parts = [f"# {title}", f"{grouped}; mean ± std (sample std over seeds) and n.", markdown(table), COSTS]
     how = (
         "Mean ± std of the per-seed differences in percentage points; p: two-sided paired t-test "
         "(`scipy.stats.ttest_rel`), – where fewer than two pairs."

@@ -118,6 +118,25 @@ def test_torchvision_weights_from_a_prepopulated_cache(
         assert torch.equal(tensor, reference[key]), key
 
 
+def test_torchvision_weights_go_through_the_models_own_builder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """googlenet's builder turns transform_input on for its weights: read from the cache as plain
+    tensors, the weights must still reach the model through that builder (and never torch.hub)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.GoogLeNet_Weights.DEFAULT
+    reference = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False).state_dict()
+    cache = tmp_path / "hub" / "checkpoints" / os.path.basename(weights.url)
+    cache.parent.mkdir(parents=True)
+    torch.save(reference, cache)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_network)  # the unpickling path: unused
+    built = build_backbone(BackboneConfig(name="googlenet", source="torchvision", weights="DEFAULT"))
+    assert built.model.transform_input is True  # what the builder does for these weights
+    for key, tensor in built.model.state_dict().items():
+        assert torch.equal(tensor, reference[key]), key
+    assert torchvision.models._api.WeightsEnum.get_state_dict.__name__ == "get_state_dict"  # restored
+
+
 def test_torchvision_offline_without_cache_fails_fast(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -200,6 +200,12 @@ def test_lp_ft_stopped_in_either_stage_resumes_whole(
     assert got[1] == want[1]  # every per-epoch history, probe and fine-tune steps
     assert saved["stage"] == stage  # where it stopped
     assert ("probe" in saved["finished"]) is (stage == "finetune")  # the probe's results travel with it
+    # Its costs too: the probe's feature pass (none when augmented) is reported as by a run never stopped.
+    costs = [runs_in(root).iloc[0] for root in (base, stopped)]
+    assert [c["metrics.feature_extract_s"] > 0 for c in costs] == [stage == "finetune"] * 2
+    assert [c.get("metrics.feature_cache_hit") for c in costs] == [
+        costs[0].get("metrics.feature_cache_hit")
+    ] * 2
     heads, names = [], []
     for root, run in ((base, want[3]), (stopped, got[3])):
         client = MlflowClient(f"sqlite:///{root}/mlflow.db")

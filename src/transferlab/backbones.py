@@ -201,8 +201,8 @@ def _build_torchvision(cfg: BackboneConfig) -> BuiltBackbone:
                 _offline_hint(cfg, "TORCH_HOME", str(Path(torch.hub.get_dir()).parent)),
             ) from None
     state = load_tensors(cached, f"torchvision's {cfg.name} {weights.name} weights")
-    model = torchvision.models.get_model(cfg.name, weights=None)
-    model.load_state_dict(state)
+    with _builder_reads(state):  # the builder's own steps still run: key renames, sizes, flags
+        model = torchvision.models.get_model(cfg.name, weights=weights)
     return BuiltBackbone(
         model,
         _torchvision_preprocess(weights, cfg),
@@ -210,6 +210,25 @@ def _build_torchvision(cfg: BackboneConfig) -> BuiltBackbone:
         sha256_file(cached) if cached.is_file() else _state_dict_sha256(state),
         "torchvision",
     )
+
+
+@contextlib.contextmanager
+def _builder_reads(state: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Hand torchvision's model builders the tensors read above, instead of their own fetch.
+
+    A builder given weights does more than load them: densenet renames old keys, ViT takes its image
+    size from the weights' meta, googlenet and inception_v3 turn on ``transform_input``. They fetch
+    through ``WeightsEnum.get_state_dict`` (torch.hub, ``weights_only=False``), so for the builder's
+    call that one method returns the plain tensors instead.
+    """
+    from torchvision.models._api import WeightsEnum
+
+    original = WeightsEnum.get_state_dict
+    WeightsEnum.get_state_dict = lambda self, *args, **kwargs: state  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        WeightsEnum.get_state_dict = original  # type: ignore[method-assign]
 
 
 def _torchvision_preprocess(weights: torchvision.models.WeightsEnum, cfg: BackboneConfig) -> Preprocess:

@@ -91,21 +91,21 @@ def train(
         log_epoch = EpochLog(run.info.run_id, ckpt.path.parent, resume_step)
 
         stages = cfg.mode.stages(cfg.trainer.epochs, cfg.optimizer.lr)  # lp_ft: probe, then finetune
-        fits: list[FitResult] = []
+        costs: list[dict] = []  # each stage's frozen-feature pass, also of stages finished before a stop
         metrics: dict[str, float] = {}
         for index, stage in enumerate(stages):
             if ckpt.done_before_stop(stage.name, [s.name for s in stages]):
                 metrics |= finished_results(ckpt, stage)  # its model is in the checkpoint, its results too
+                costs.append(ckpt.finished[stage.name]["costs"])
                 continue
-            fits.append(
-                fit_stage(cfg, runner, stage, index, len(stages), counts, ckpt, log_epoch, stop, inputs)
-            )
+            fit = fit_stage(cfg, runner, stage, index, len(stages), counts, ckpt, log_epoch, stop, inputs)
+            costs.append(stage_costs(fit))
             if stage is not stages[-1]:  # e.g. the linear probe of lp_ft, reported on its own
-                metrics |= intermediate_results(runner, fits[-1], stage, ckpt)
+                metrics |= intermediate_results(runner, fit, stage, ckpt)
 
         # Test the best-on-validation checkpoint of the last stage, in eval mode.
         test, labels, preds = runner.evaluate(data.splits.test)
-        metrics |= final_metrics(test, fits, counts, time.perf_counter() - started)
+        metrics |= final_metrics(test, fit, costs, counts, time.perf_counter() - started)
         log_epoch.flush()
         retry(
             lambda: tracking.log_results(metrics, labels, preds, data.classes, model, runner.device.type),
@@ -223,7 +223,7 @@ def intermediate_results(runner: Runner, fit: FitResult, stage: Stage, ckpt: Che
     head = {k: v.detach().cpu().clone() for k, v in runner.model.head.state_dict().items()}
     metrics = best_metrics(fit, f"{stage.name}_best_")
     metrics |= {f"{stage.name}_test_{k}": v for k, v in probe_test.items()}
-    ckpt.finished[stage.name] = {"metrics": metrics, "head": head}
+    ckpt.finished[stage.name] = {"metrics": metrics, "head": head, "costs": stage_costs(fit)}
     return finished_results(ckpt, stage)
 
 
@@ -234,18 +234,26 @@ def finished_results(ckpt: Checkpoint, stage: Stage) -> dict[str, float]:
     return dict(record["metrics"])
 
 
+def stage_costs(fit: FitResult) -> dict[str, float | None]:
+    """What a stage spent on its frozen-feature pass, and whether the feature cache served it."""
+    return {"feature_seconds": fit.feature_seconds, "feature_cache_hit": fit.feature_cache_hit}
+
+
 def final_metrics(
-    test: dict[str, float], fits: list[FitResult], counts: dict[str, int], wall: float
+    test: dict[str, float], last: FitResult, costs: list[dict], counts: dict[str, int], wall: float
 ) -> dict[str, float]:
-    """The run's headline: test metrics of the last stage's best epoch, its validation metrics, costs."""
-    last = fits[-1]
-    hits = [fit.feature_cache_hit for fit in fits if fit.feature_cache_hit is not None]
+    """The run's headline: test metrics of the last stage's best epoch, its validation metrics, costs.
+
+    ``costs``: every stage's (:func:`stage_costs`), those finished before a stop included (from the
+    checkpoint), so a resumed lp_ft run reports its probe's feature pass as one never stopped.
+    """
+    hits = [c["feature_cache_hit"] for c in costs if c["feature_cache_hit"] is not None]
     return {
         **{f"test_{k}": v for k, v in test.items()},
         **best_metrics(last),
         "best_epoch": last.best_epoch,
         "wall_time_s": wall,
-        "feature_extract_s": sum(fit.feature_seconds for fit in fits),
+        "feature_extract_s": sum(c["feature_seconds"] for c in costs),
         "frozen_feature_path": float(last.used_feature_path),  # of the last stage
         **({"feature_cache_hit": float(hits[-1])} if hits else {}),
         **counts,

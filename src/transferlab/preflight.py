@@ -195,7 +195,9 @@ def answer_without_compute(argv: list[str], conf_dir: Path, config_name: str) ->
     args, _ = get_args_parser().parse_known_args(argv)
     if not any(getattr(args, flag, None) for flag in _INFO_FLAGS):
         return
-    # Hydra answers these flags itself, before calling the task function: it never runs.
+    # Hydra answers these flags itself, before calling the task function: it never runs. It names the
+    # job after the task's module: the entrypoint's (hydra.job.name=train, as a real run's).
+    _no_task.__module__ = f"transferlab.{config_name}"
     hydra.main(version_base="1.3", config_path=str(conf_dir), config_name=config_name)(_no_task)()
     sys.exit(0)
 

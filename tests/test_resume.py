@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from transferlab.checkpoint import Checkpoint
 from transferlab.engine import FitState
 from transferlab.schemas import to_typed
+from transferlab.tracking import is_bookkeeping  # timing and cache use: differ between launches
 
 from .conftest import runs_in, store_overrides
 
@@ -41,9 +42,6 @@ ARGS = [
     "trainer.progress=false",
     "seed=3",
 ]
-TIMING = ("wall_time_s", "epoch_time_s", "images_per_s", "feature_extract_s")
-# Cache bookkeeping: logged by each launch (a resume hits the caches its first launch filled).
-BOOKKEEPING = (*TIMING, "input_cache_hit", "input_load_s", "feature_cache_hit")
 
 
 def _launch(root: Path, *extra: str) -> subprocess.Popen:
@@ -81,12 +79,12 @@ def _final_metrics(root: Path) -> tuple[dict[str, float], dict[str, list[float]]
     final = {
         c.removeprefix("metrics."): run[c]
         for c in runs.columns
-        if c.startswith("metrics.") and c.removeprefix("metrics.") not in BOOKKEEPING and pd.notna(run[c])
+        if c.startswith("metrics.") and not is_bookkeeping(c.removeprefix("metrics.")) and pd.notna(run[c])
     }
     history = {}
     for key in client.get_run(run["run_id"]).data.metrics:
         points = client.get_metric_history(run["run_id"], key)
-        if key in BOOKKEEPING or len(points) == 1 and points[0].step == 0 and key in final:
+        if is_bookkeeping(key) or len(points) == 1 and points[0].step == 0 and key in final:
             continue  # a final metric, compared above
         steps = [m.step for m in points]
         assert len(steps) == len(set(steps)), f"{key}: more than one value at a step {sorted(steps)}"

@@ -18,9 +18,10 @@ import torch
 from mlflow import MlflowClient
 
 from transferlab.resilient import SPOOL, EpochLog
+from transferlab.tracking import is_bookkeeping
 
 from .conftest import TINY, store_overrides
-from .test_resume import ARGS, BOOKKEEPING, _checkpoint
+from .test_resume import ARGS, _checkpoint
 
 
 def _free_port() -> int:
@@ -87,7 +88,7 @@ def _histories(client: MlflowClient, experiment: str) -> dict[str, list[tuple[in
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     out = {}
     for key in run.data.metrics:
-        if key in BOOKKEEPING:
+        if is_bookkeeping(key):
             continue
         points = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
         steps = [step for step, _ in points]

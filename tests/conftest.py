@@ -101,9 +101,14 @@ def runs_in(tmp_path: Path, experiment: str = "transferlab"):  # noqa: ANN201 - 
     return mlflow.search_runs(experiment_names=[experiment], search_all_experiments=False)
 
 
-def make_runner(model, data, trainer, seed: int, augment: bool, stage, features=None):  # noqa: ANN001, ANN201
-    """A Runner as ``train.py`` builds one: once per run, then ``enter(stage)`` decides what trains."""
+def make_runner(model, data, trainer, seed: int, augment, stage, features=None):  # noqa: ANN001, ANN201
+    """A Runner as ``train.py`` builds one: once per run, then ``enter(stage)`` decides what trains.
+    ``augment``: an AugmentConfig, None, or True for ``augment=flip`` (random horizontal flips)."""
     from transferlab.engine import Runner
+    from transferlab.schemas import AugmentConfig
+
+    if isinstance(augment, bool):
+        augment = AugmentConfig(name="flip", hflip=0.5) if augment else None
 
     runner = Runner(model, data, trainer, seed, augment, features)
     runner.enter(stage)
@@ -125,4 +130,4 @@ def runner_for_config(cfg, data_dir: str, features_root: Path | None = None):  #
     model = make_model(built.model, data.num_classes)
     features = FeatureCache(features_root, built) if features_root is not None else None
     stage = cfg.mode.stages(cfg.trainer.epochs, cfg.optimizer.lr)[-1]
-    return make_runner(model, data, cfg.trainer, cfg.seed, cfg.data.augment, stage, features), features
+    return make_runner(model, data, cfg.trainer, cfg.seed, cfg.augment, stage, features), features

@@ -21,7 +21,7 @@ from transferlab.backbones import (
     sha256_file,
     split_head,
 )
-from transferlab.data import normalize, preprocess_image
+from transferlab.data import eval_crop, normalize, preprocess_image
 from transferlab.schemas import BackboneConfig, ConfigError
 
 EGYPTIAN_CAT = 285  # ImageNet class index
@@ -36,7 +36,10 @@ def test_bundled_weights_see_a_cat(name: str) -> None:
     built = build_backbone(BackboneConfig(name=name, source="bundled", weights="imagenet"))
     assert built.preprocess.mean == (0.5, 0.5, 0.5) and built.preprocess.std == (0.5, 0.5, 0.5)
     assert built.weight_sha256 == sha256_file(bundled_weights_path(name))
-    x = normalize(preprocess_image(skdata.chelsea(), built.preprocess).unsqueeze(0), built.preprocess)
+    x = normalize(
+        eval_crop(preprocess_image(skdata.chelsea(), built.preprocess)[None], built.preprocess),
+        built.preprocess,
+    )
     built.model.eval()
     with torch.inference_mode():
         top3 = built.model(x).topk(3).indices[0].tolist()
@@ -62,7 +65,9 @@ def test_preprocessing_matches_the_weights_own_transform() -> None:
     weights = torchvision.models.ResNet18_Weights.DEFAULT
     built_pre = build_backbone(BackboneConfig(name="resnet18", source="torchvision", weights=None)).preprocess
     assert (built_pre.resize, built_pre.crop) == (256, 224)
-    ours = normalize(preprocess_image(photo, built_pre).unsqueeze(0), built_pre)[0]
+    stored = preprocess_image(photo, built_pre)  # the eval resize, central square: 256 x 256
+    assert stored.shape == (3, 256, 256)
+    ours = normalize(eval_crop(stored.unsqueeze(0), built_pre), built_pre)[0]
     theirs = weights.transforms()(torch.from_numpy(photo).permute(2, 0, 1))
     assert ours.shape == theirs.shape
     # uint8 rounding after the resize is the only difference: well under one grey level.
@@ -201,6 +206,6 @@ def test_timm_offline_without_cache_fails_fast(tmp_path: Path, monkeypatch: pyte
 def test_grayscale_is_replicated_for_rgb_backbones() -> None:
     pre = build_backbone(BackboneConfig(name="efficientnet_lite0", source="bundled", weights=None)).preprocess
     grey = np.asarray(Image.new("L", (300, 300), 128))
-    x = normalize(preprocess_image(grey, pre).unsqueeze(0), pre)
+    x = normalize(eval_crop(preprocess_image(grey, pre).unsqueeze(0), pre), pre)
     assert x.shape == (1, 3, 224, 224)
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])

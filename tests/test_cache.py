@@ -88,7 +88,8 @@ def _entry(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("damage", ["truncated", "old_format", "wrong_shape", "other_key"])
 def test_a_bad_entry_is_logged_and_rebuilt(make_runner, tmp_path: Path, caplog, damage: str) -> None:
     runner, features = make_runner(*PRETRAINED)
-    good = _features(features, runner).cpu()
+    # A copy: the entry is read memory-mapped, and this test damages the file in place.
+    good = _features(features, runner).clone()
     entry = _entry(tmp_path)
     header = {"format": str(cache.CACHE_FORMAT), "key": "{}", "meta": "{}"}
     if damage == "truncated":
@@ -144,13 +145,13 @@ def test_runs_log_the_cache(run_cli, store, tmp_path: Path) -> None:
         )
         == 0
     )
-    assert run_cli(*PRETRAINED, *store, "data.augment=true", "trainer.epochs=1") == 0
+    assert run_cli(*PRETRAINED, *store, "augment=flip", "trainer.epochs=1") == 0
     runs = runs_in(tmp_path).sort_values("start_time").reset_index()
     assert list(runs["metrics.feature_cache_hit"][:2]) == [0.0, 1.0]
     assert all(runs["metrics.feature_extract_s"][:3] >= 0)
     assert list(runs["tags.feature_cache"][:2]) == ["on", "on"]
     assert runs["tags.feature_cache"][2].startswith("off: trainer.feature_cache=false")
-    assert runs["tags.feature_cache"][3].startswith("off: data.augment=true")
+    assert runs["tags.feature_cache"][3].startswith("off: augment=flip")
     # A cached run is the run: bit-identical to one that computed its features in memory.
     for key in ("test_loss", "test_accuracy", "best_val_loss"):
         assert runs[f"metrics.{key}"][1] == runs[f"metrics.{key}"][2], key

@@ -33,7 +33,8 @@ NEEDS = {
 
 def options() -> list[tuple[str, str]]:
     # experiment / hparams_search are `@package _global_` deltas (each also runs in tests/test_sweep.py).
-    groups = ["backbone", "mode", "optimizer", "data", "trainer", "mlflow", "paths", "sweep", "experiment"]
+    groups = ["backbone", "mode", "optimizer", "scheduler", "augment", "data", "trainer", "mlflow", "paths"]
+    groups += ["sweep", "experiment"]
     groups += ["hparams_search"]
     return [(g, p.stem) for g in groups for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 
@@ -45,7 +46,7 @@ def test_every_option_composes_and_validates(compose_cfg, tmp_path: Path, group:
         extra.append(f"data.root={tmp_path}")
     cfg = to_typed(compose_cfg(f"{group}={option}", *extra))
     assert isinstance(cfg, TrainConfig)
-    if group in ("backbone", "mode", "data"):
+    if group in ("backbone", "mode", "data", "scheduler", "augment"):
         node = getattr(cfg, group)
         assert node.name == (option if (group, option) not in NEEDS else "resnet18")
 
@@ -61,6 +62,27 @@ def test_default_is_the_embedded_job(compose_cfg) -> None:
     assert isinstance(cfg.optimizer, AdamConfig)
     # Absolute store at the repository root, whatever the working directory.
     assert cfg.mlflow.tracking_uri == f"sqlite:///{CONF_DIR.parent}/mlflow.db"
+
+
+@pytest.mark.parametrize(
+    ("mode", "recipe"),
+    [
+        ("feature_extract", ("constant", "none")),
+        ("full_finetune", ("cosine", "standard")),
+        ("partial", ("cosine", "standard")),
+        ("lp_ft", ("cosine", "standard")),
+    ],
+)
+def test_each_mode_chooses_its_recipe_and_the_command_line_wins(compose_cfg, mode: str, recipe) -> None:  # noqa: ANN001
+    cfg = to_typed(compose_cfg(f"mode={mode}"))
+    assert (cfg.scheduler.name, cfg.augment.name) == recipe
+    if recipe[0] == "cosine":
+        assert cfg.scheduler.warmup_epochs == 0.5
+    cfg = to_typed(compose_cfg(f"mode={mode}", "scheduler=step", "augment=flip", "scheduler.decay_rate=0.5"))
+    assert (cfg.scheduler.name, cfg.augment.name, cfg.scheduler.decay_rate) == ("step", "flip", 0.5)
+    # An experiment's own choice wins over the mode's (elpv_fe_vs_ft pins the bare loop it measured).
+    cfg = to_typed(compose_cfg("experiment=elpv_fe_vs_ft", f"mode={mode}"))
+    assert (cfg.scheduler.name, cfg.augment.name) == ("constant", "none")
 
 
 @pytest.mark.parametrize(("mode", "lr"), [("feature_extract", 1e-3), ("full_finetune", 1e-4)])

@@ -63,7 +63,8 @@ def test_limit_is_stratified() -> None:
     cfg = ElpvDataConfig(limit=200)
     data = prepare(cfg, SMALL, "")
     assert len(data.labels) == 200
-    assert data.images.shape == (200, 1, 32, 32)  # grey kept as one channel until the batch
+    # Grey kept as one channel until the batch, stored at the eval resize (SMALL: 36, crop 32).
+    assert data.images.shape == (200, 1, SMALL.resize, SMALL.resize) and SMALL.resize == 36
     assert abs(data.labels.float().mean().item() - load_raw(ElpvDataConfig(), "").labels.mean()) < 0.02
 
 

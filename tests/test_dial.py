@@ -226,7 +226,7 @@ def _lrs(model: nn.Module, groups: list[dict]) -> dict[str, float]:
     for group in groups:
         for p in group["params"]:
             assert names[id(p)] not in out  # no tensor in two groups
-            out[names[id(p)]] = group["lr"]
+            out[names[id(p)]] = group["lr"] * group.get("lr_scale", 1.0)  # the lr a schedule applies
     return out
 
 
@@ -313,9 +313,11 @@ def _artifact(client: MlflowClient, run_id: str, path: str, tmp_path: Path) -> P
 
 
 def test_lp_ft_probe_head_equals_a_feature_extraction_run(run_cli, store, tmp_path: Path) -> None:
-    """The probe stage *is* feature extraction: same seed and epochs, the same head, bit for bit."""
+    """The probe stage *is* feature extraction: same seed, epochs and schedule, the same head, bit for bit
+    (a constant lr for both, so the lrs logged per epoch are the stages' own)."""
     assert run_cli(*TINY, *store, "mode=feature_extract", "trainer.epochs=3", "seed=5") == 0
-    assert run_cli(*TINY, *store, "mode=lp_ft", "mode.probe_epochs=3", "trainer.epochs=1", "seed=5") == 0
+    lp_ft = ["mode=lp_ft", "mode.probe_epochs=3", "trainer.epochs=1", "scheduler=constant", "augment=none"]
+    assert run_cli(*TINY, *store, *lp_ft, "seed=5") == 0
     runs = runs_in(tmp_path).set_index("params.mode.name")
     client = MlflowClient()
     fe, lp = runs.loc["feature_extract"], runs.loc["lp_ft"]

@@ -27,9 +27,12 @@ LAYERS: dict[str, int] = {
     "transferlab.data": 1,
     "transferlab.modes": 1,
     "transferlab.optim": 1,
+    "transferlab.schedule": 1,
+    "transferlab.augment": 1,
     # 2 engine: caches, the loop, checkpoints, tracking, sweeps, pre-flight of overrides.
     "transferlab.cache": 2,
     "transferlab.engine": 2,
+    "transferlab.loop_state": 2,
     "transferlab.checkpoint": 2,
     "transferlab.resilient": 2,
     "transferlab.tracking": 2,

@@ -33,7 +33,7 @@ def _setup(mode_name: str, augment: bool = False, num_classes: int = 3, seed: in
         BackboneConfig(name="test_efficientnet", source="timm", weights=None, image_size=32)
     )
     data = prepare(
-        SyntheticDataConfig(num_classes=num_classes, images_per_class=12, augment=augment),
+        SyntheticDataConfig(num_classes=num_classes, images_per_class=12),
         built.preprocess,
         "",
     )
@@ -68,7 +68,7 @@ def test_the_articles_loop_would_change_batchnorm() -> None:
     before = _snapshot(model.backbone)
     model.train()  # what the article's loop does every epoch
     with torch.no_grad():
-        model(runner._inputs(torch.arange(8), train=True))
+        model(runner._inputs(torch.arange(8)))
     assert any(
         not torch.equal(v, before[k]) for k, v in model.backbone.state_dict().items() if "running" in k
     )

@@ -170,7 +170,7 @@ BATCHES = 7  # 27 training images in batches of 4 (the last batch of 3)
 
 @pytest.mark.parametrize(
     ("stage", "extra"),
-    [("probe", ["data.augment=true"]), ("finetune", [])],
+    [("probe", ["augment=flip", "mode.probe_augment=true"]), ("finetune", [])],
     ids=["stopped-in-probe-augmented", "stopped-in-finetune"],
 )
 def test_lp_ft_stopped_in_either_stage_resumes_whole(
@@ -450,3 +450,41 @@ def test_submitit_preemption_saves_first_then_hands_over(tmp_path: Path, run_cli
     assert seen == {"checkpoint": True, "status": "KILLED"}
     saved = torch.load(_checkpoint(tmp_path), weights_only=True)
     assert saved["run_id"] == runs_in(tmp_path).iloc[0]["run_id"]
+
+
+# Every piece of the recipe that carries state across steps: the schedule's position, the EMA
+# weights, per-image augmentation and batch mixing seeds, an accumulation window, worker processes.
+RECIPE = [
+    "scheduler=cosine",
+    "scheduler.warmup_epochs=0.5",
+    "scheduler.min_lr=1e-6",
+    "trainer.ema_decay=0.9",
+    "augment=strong",
+    "augment.mixup_alpha=0.8",
+    "augment.cutmix_alpha=1.0",
+    "trainer.label_smoothing=0.1",
+    "trainer.accumulate_steps=2",
+    "trainer.grad_clip_norm=1.0",
+    "trainer.num_workers=2",
+]
+
+
+def test_the_fine_tuning_recipe_resumes_mid_epoch_bit_identical(tmp_path: Path, run_cli) -> None:
+    """Cosine + warmup + EMA + mixup/cutmix + RandAugment + 2 workers, stopped mid-epoch by SIGTERM."""
+    base, stopped = tmp_path / "base", tmp_path / "stopped"
+    args = [a for a in ARGS if not a.startswith("trainer.epochs")] + ["trainer.epochs=2", *RECIPE]
+    assert run_cli(*args, *store_overrides(base)) == 0
+    want = _final_metrics(base)
+
+    watcher = _stop_when(stopped, lambda blob: True)  # once the first epoch's checkpoint exists
+    assert run_cli(*args, *store_overrides(stopped)) == 128 + signal.SIGTERM
+    watcher.join()
+    saved = _stopped_mid_epoch(stopped, BATCHES)
+    assert saved["fit"]["step"] % 2 == 0  # a stop waits for the accumulation window's update
+    assert saved["ema"] is not None and saved["scheduler"] is not None and saved["fit"]["updates"] > 4
+    assert saved["fit"]["seeds"] is not None
+    assert run_cli(*args, *store_overrides(stopped)) == 0
+    got = _final_metrics(stopped)
+    assert got[2] == "FINISHED"
+    assert got[:2] == want[:2]
+    assert len(set(want[1]["lr_head"])) == 2  # the schedule moved the lr between the epochs

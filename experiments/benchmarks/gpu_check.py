@@ -6,8 +6,10 @@ python experiments/benchmarks/gpu_check.py --device cpu --quick   # smoke run an
 Measures, through transferlab's own :class:`~transferlab.engine.Runner` on the same random images:
 full fine-tuning training images/s of resnet18 (random init: no download) and EfficientNet-Lite0
 (bundled ImageNet weights) in fp32/NCHW vs AMP + channels_last (+ pinned memory, non-blocking
-copies), next to a plain hand-written loop; and the feature-extraction speed-up over the seed
-article's loop (backbone forward every batch, every epoch). The figures and the GPU's name are
+copies), next to a plain hand-written loop; the same fast path with ``augment=strong`` (timm's
+RandAugment + random erasing on each stored image, in DataLoader workers) against ``augment=none``;
+and the feature-extraction speed-up over the seed article's loop (backbone forward every batch,
+every epoch). The figures and the GPU's name are
 appended to experiments/benchmarks/README.md (or ``--record``).
 """
 
@@ -25,10 +27,10 @@ import torch
 
 from transferlab.backbones import build_backbone
 from transferlab.bench import article_feature_extraction, plain_finetune_images_per_s
-from transferlab.data import PreparedData, Splits
+from transferlab.data import PreparedData, Splits, storage_size
 from transferlab.engine import FitState, Runner
 from transferlab.modes import make_model, trainable_parameters
-from transferlab.schemas import BackboneConfig, FinetuneModeConfig, ModeConfig, TrainerConfig
+from transferlab.schemas import AugmentConfig, BackboneConfig, FinetuneModeConfig, ModeConfig, TrainerConfig
 
 RECORD = Path(__file__).resolve().parent / "README.md"
 BACKBONES = {
@@ -38,9 +40,11 @@ BACKBONES = {
 
 
 def random_data(n: int, size: int, preprocess) -> PreparedData:  # noqa: ANN001 - a Preprocess
-    """Random RGB uint8 images with two classes: throughput does not depend on what they show."""
+    """Random RGB uint8 images with two classes, stored at the eval resize as transferlab stores
+    them: throughput does not depend on what they show."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    side = storage_size(preprocess)
+    images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 2, (n,), generator=g)
     order = np.arange(n)
     train, val, test = order[: int(0.8 * n)], order[int(0.8 * n) : int(0.9 * n)], order[int(0.9 * n) :]
@@ -57,7 +61,14 @@ def _backbone(name: str, size: int):  # noqa: ANN202 - (model with head, preproc
     return built.model, built.preprocess
 
 
-def finetune_images_per_s(name: str, args: argparse.Namespace, fast: bool) -> float:
+STRONG = AugmentConfig(
+    name="strong", crop="random_resized", hflip=0.5, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25
+)
+
+
+def finetune_images_per_s(
+    name: str, args: argparse.Namespace, fast: bool, augment: AugmentConfig | None = None
+) -> float:
     """Training images/s of transferlab's full fine-tuning: the median of the timed epochs after a warm-up."""
     network, pre = _backbone(name, args.size)
     data = random_data(args.images, args.size, pre)
@@ -72,8 +83,9 @@ def finetune_images_per_s(name: str, args: argparse.Namespace, fast: bool) -> fl
         compile=fast and args.compile,
         progress=False,
         feature_cache=False,
+        num_workers=args.workers if augment is not None else 0,
     )
-    runner = Runner(model, data, trainer, seed=0, augment_inputs=False)
+    runner = Runner(model, data, trainer, seed=0, augment=augment)
     runner.enter(stage)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-4)
     never = lambda: False  # noqa: E731 - no stop signal in a benchmark
@@ -117,7 +129,7 @@ def feature_extraction_speedup(args: argparse.Namespace) -> tuple[float, float]:
         epochs=args.epochs,
         feature_cache=False,
     )
-    runner = Runner(model, data, trainer, seed=0, augment_inputs=False)
+    runner = Runner(model, data, trainer, seed=0)
     runner.enter(stage)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-3)
     start = time.perf_counter()
@@ -134,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="tiny sizes: checks the script, measures nothing"
     )
     parser.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
+    parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of the augmented row")
     parser.add_argument(
         "--record", type=Path, default=RECORD, help=f"markdown file to append to ({RECORD.name})"
     )
@@ -144,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.quick:
+        args.workers = min(args.workers, 2)
     # One epoch of 2,048 images lasts well under a second on an H100: time several, keep the median.
     args.images, args.size, args.batch_size, args.epochs, args.repeats = (
         (16, 32, 8, 1, 1) if args.quick else (8192, 224, 128, 10, 3)
@@ -165,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{fast / base:.2f}x | {fast / plain:.2f}x |"
         )
         print(rows[-1], flush=True)
+    none = finetune_images_per_s("efficientnet_lite0", args, fast=True)
+    strong = finetune_images_per_s("efficientnet_lite0", args, fast=True, augment=STRONG)
+    augmented = (
+        f"efficientnet_lite0 fast path, augment=strong ({args.workers} workers) vs augment=none: "
+        f"{strong:.1f} vs {none:.1f} images/s ({strong / none:.2f}x)."
+    )
+    print(augmented, flush=True)
     article, ours = feature_extraction_speedup(args)
     fast_label = "AMP + channels_last" + (" + compile" if args.compile else "")
     lines = [
@@ -178,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| measurement | plain loop | transferlab fp32 NCHW | transferlab {fast_label} | fast / fp32 | fast / plain |",
         "|---|---|---|---|---|---|",
         *rows,
+        "",
+        augmented,
         "",
         f"Feature extraction, EfficientNet-Lite0, {args.epochs} epochs: the article's loop {article:.1f} s, "
         f"transferlab {ours:.1f} s ({article / ours:.1f}x faster).",

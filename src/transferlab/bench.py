@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from transferlab.backbones import build_backbone
 from transferlab.cache import prepare_cached
-from transferlab.data import PreparedData, normalize
+from transferlab.data import PreparedData, eval_crop, normalize
 from transferlab.engine import select_device
 from transferlab.schemas import BackboneConfig, ElpvDataConfig
 
@@ -82,7 +82,9 @@ def article_feature_extraction(
     loss_fn = nn.CrossEntropyLoss()
     train = torch.from_numpy(data.splits.train)
     train_loader = DataLoader(
-        TensorDataset(data.images[train], data.labels[train]), batch_size=batch_size, shuffle=True
+        TensorDataset(eval_crop(data.images[train], data.preprocess), data.labels[train]),
+        batch_size=batch_size,
+        shuffle=True,
     )
     for _epoch in range(epochs):
         model.train()
@@ -99,7 +101,8 @@ def article_feature_extraction(
     correct = 0
     with torch.no_grad():
         for images, labels in DataLoader(
-            TensorDataset(data.images[test], data.labels[test]), batch_size=batch_size
+            TensorDataset(eval_crop(data.images[test], data.preprocess), data.labels[test]),
+            batch_size=batch_size,
         ):
             outputs = model(normalize(images.to(device), data.preprocess))
             correct += (outputs.argmax(1).cpu() == labels).sum().item()
@@ -117,7 +120,9 @@ def plain_finetune_images_per_s(
     loss_fn = nn.CrossEntropyLoss()
     train = torch.from_numpy(data.splits.train)
     loader = DataLoader(
-        TensorDataset(data.images[train], data.labels[train]), batch_size=batch_size, shuffle=True
+        TensorDataset(eval_crop(data.images[train], data.preprocess), data.labels[train]),
+        batch_size=batch_size,
+        shuffle=True,
     )
     rates: list[float] = []
     for _epoch in range(epochs):

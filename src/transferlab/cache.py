@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from transferlab.backbones import BuiltBackbone, Preprocess
-from transferlab.data import PreparedData, Splits, prepare
+from transferlab.data import PreparedData, Splits, prepare, storage_size
 from transferlab.schemas import ConfigError, DataConfig
 from transferlab.sources.registry import source_for
 from transferlab.validate import BadImage
@@ -45,7 +45,9 @@ from transferlab.versions import package_versions
 log = logging.getLogger("transferlab.cache")
 
 # Bump when the layout or the meaning of an entry changes: older entries are then rebuilt.
-CACHE_FORMAT = 2  # 2: input entries record the images data.on_bad_image=skip left out
+# 2: input entries record the images data.on_bad_image=skip left out; 3: images stored at the eval
+# resize (uncropped square) for random crops, read memory-mapped.
+CACHE_FORMAT = 3
 
 Tensors = dict[str, torch.Tensor]
 Meta = dict[str, Any]
@@ -117,6 +119,12 @@ class TensorStore:
             if problem is not None:  # a bug in the producer, not a cache problem: never store it
                 raise RuntimeError(f"refusing to cache a {self.kind} entry: {problem}")
             self._write(path, key, tensors, meta)
+            del tensors  # read back memory-mapped: the run's own memory does not hold the entry
+            tensors, meta, problem = self._read(path, key, check)
+            if problem is not None:
+                raise RuntimeError(
+                    f"{self.kind} cache entry {path} unreadable right after writing: {problem}"
+                )
             return Lookup(tensors, meta, False, time.perf_counter() - start, path)
         finally:
             lock.release()
@@ -252,8 +260,8 @@ def source_identity(cfg: DataConfig, data_dir: str) -> Meta | None:
 
 def input_key(cfg: DataConfig, pre: Preprocess, identity: Meta) -> Meta:
     # Everything prepare() reads: the selection (limit, split fractions and seed), labelling, and
-    # preprocessing. Augmentation runs per batch later, so it does not change the entry.
-    selection = {k: v for k, v in asdict(cfg).items() if k not in ("augment", "cache", "download")}
+    # preprocessing. Augmentation runs on the stored images later, so it is no part of the entry.
+    selection = {k: v for k, v in asdict(cfg).items() if k not in ("cache", "download")}
     return {
         "kind": "inputs",
         "format": CACHE_FORMAT,
@@ -287,10 +295,9 @@ def _check_inputs(pre: Preprocess) -> Callable[[Tensors, Meta], str | None]:
             or any(f"split_{s}" not in tensors for s in ("train", "val", "test"))
         ):
             return f"missing tensors (has {sorted(tensors)})"
-        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[2:]) != (pre.crop, pre.crop):
-            return (
-                f"images {images.dtype} {tuple(images.shape)}, expected uint8 (N, C, {pre.crop}, {pre.crop})"
-            )
+        side = storage_size(pre)
+        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[2:]) != (side, side):
+            return f"images {images.dtype} {tuple(images.shape)}, expected uint8 (N, C, {side}, {side})"
         if labels.shape != (images.shape[0],) or (
             len(labels) and int(labels.max()) >= len(meta.get("classes", []))
         ):

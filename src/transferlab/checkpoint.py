@@ -2,8 +2,8 @@
 
 A run writes ``<paths.cache_dir>/checkpoints/<config hash>/checkpoint.pt`` after every epoch
 (temporary file + ``os.replace``, so a SIGKILL leaves the previous one whole) and, on SIGTERM or
-SIGINT, once more after the current step. The checkpoint holds the model, the optimizer (and a
-scheduler, when there is one), the loop's :class:`~transferlab.engine.FitState` (epoch, step, that
+SIGINT, once more after the current optimizer update. The checkpoint holds the model, the optimizer,
+its lr schedule and the EMA weights (``trainer.ema_decay``), the loop's :class:`~transferlab.engine.FitState` (epoch, step, that
 epoch's data order and running sums, best state, history), the Python/NumPy/torch/CUDA RNG states
 and the Runner's data-order generator, the stage it belongs to and the results of the stages
 finished before it (lp_ft's probe: its metrics and head), plus the MLflow run id. Launching the same config again
@@ -42,7 +42,7 @@ from transferlab.engine import FitState, Runner, StopRequested
 from transferlab.schemas import ConfigError, TrainConfig, config_hash
 
 log = logging.getLogger("transferlab.checkpoint")
-FORMAT = 2  # 2: the stage and the results of finished stages
+FORMAT = 3  # 2: the stage and the results of finished stages; 3: lr schedule, EMA, update count
 
 
 # Keys that change where things go or how they are shown, not what is computed: left out of the hash
@@ -197,6 +197,8 @@ class Checkpoint:
         optimizer.load_state_dict(blob["optimizer"])
         if scheduler is not None and blob.get("scheduler") is not None:
             scheduler.load_state_dict(blob["scheduler"])
+        if runner.ema is not None and blob.get("ema") is not None:
+            runner.ema.module.load_state_dict(blob["ema"])
         set_rng_state(blob["rng"], runner)
         state = FitState(**blob["fit"])
         log.info("resuming run %s at epoch %d step %d from %s", run_id, state.epoch, state.step, self.path)
@@ -214,6 +216,7 @@ class Checkpoint:
             "model": runner.model.state_dict(),
             "optimizer": self._optimizer.state_dict(),
             "scheduler": self._scheduler.state_dict() if self._scheduler is not None else None,
+            "ema": runner.ema.module.state_dict() if runner.ema is not None else None,
             "fit": dict(vars(state)),  # shallow: tensors are saved, not copied
             "rng": rng_state(runner),
             "stage": runner.stage.name if runner.stage is not None else None,

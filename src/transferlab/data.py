@@ -1,10 +1,14 @@
-"""Datasets as in-memory uint8 tensors, preprocessed once the way the backbone's weights expect.
+"""Datasets as uint8 tensors at the weights' eval resize, decoded once; splits index into them.
 
-Each image is decoded once, resized and centre-cropped with the numbers of the weights' own eval
-transform (:class:`~transferlab.backbones.Preprocess`), and kept as uint8. Normalisation and
-augmentation then run per batch on the device, which is both faster than per-sample PIL work and
-exactly the same arithmetic for every mode. Splits are index arrays into that one tensor. Where the
-images come from is a source's business (:mod:`transferlab.sources`, one module per dataset).
+Each image is decoded once and resized with the numbers of the weights' own eval transform
+(:class:`~transferlab.backbones.Preprocess`): its shorter side to ``resize``, then the central
+``resize x resize`` square, kept as uint8. That stored image is large enough for a random-resized crop
+(:mod:`transferlab.augment`), and its centre ``crop x crop`` is exactly the eval transform's output
+(resize then centre-crop), which validation, test and un-augmented training read with
+:func:`eval_crop` and normalise per batch on the device. A square store keeps one fixed shape, so the
+decoded-input cache is one tensor, memory-mapped when read (:mod:`transferlab.cache`); for images
+that are not square, random crops are drawn from the central square (what the eval crop sees too).
+Where the images come from is a source's business (:mod:`transferlab.sources`, one module per dataset).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ class PreparedData:
     """What a run trains on: preprocessed images, labels, splits and a fingerprint of all of it."""
 
     name: str
-    images: torch.Tensor  # (N, C, S, S) uint8, C = 1 (grayscale) or 3
+    images: torch.Tensor  # (N, C, R, R) uint8 at the eval resize R, C = 1 (grayscale) or 3
     labels: torch.Tensor  # (N,) int64
     classes: list[str]
     splits: Splits
@@ -133,14 +137,26 @@ def make_splits(raw: RawDataset, cfg: DataConfig) -> Splits:
     return Splits(np.sort(np.asarray(train)), np.sort(np.asarray(val)), np.sort(np.asarray(test)))
 
 
+def storage_size(pre: Preprocess) -> int:
+    """The side of a stored image: the eval resize, never below the crop."""
+    return max(pre.resize, pre.crop)
+
+
 def preprocess_image(array: np.ndarray, pre: Preprocess) -> torch.Tensor:
-    """Resize the shorter side and centre-crop, as the weights' eval transform does. uint8 in, uint8 out."""
+    """Resize the shorter side as the weights' eval transform does and keep the central square.
+    uint8 in, uint8 out; :func:`eval_crop` of it is the eval transform's output."""
     tensor = torch.tensor(array)  # a copy: source arrays may be read-only
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     tensor = TF.resize(
         tensor, [pre.resize], interpolation=InterpolationMode(pre.interpolation), antialias=True
     )
-    return TF.center_crop(tensor, [pre.crop, pre.crop])
+    side = storage_size(pre)
+    return TF.center_crop(tensor, [side, side])
+
+
+def eval_crop(batch: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """The centre ``crop x crop`` of stored images: the same pixels as resize-then-centre-crop."""
+    return TF.center_crop(batch, [pre.crop, pre.crop])
 
 
 def prepare(cfg: DataConfig, pre: Preprocess, data_dir: str, cache_dir: str | None = None) -> PreparedData:
@@ -195,14 +211,6 @@ def normalize(batch: torch.Tensor, pre: Preprocess, dtype: torch.dtype = torch.f
     mean = torch.tensor(pre.mean, device=x.device, dtype=dtype).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, device=x.device, dtype=dtype).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips per image: label-preserving for cells, textures and photos alike."""
-    flip = torch.rand(batch.shape[0], generator=generator) < 0.5
-    batch = batch.clone()
-    batch[flip] = batch[flip].flip(-1)
-    return batch
 
 
 def class_counts(labels: torch.Tensor | Sequence[int], num_classes: int) -> list[int]:

@@ -5,7 +5,13 @@ backbone's output for an image never changes, so it is computed once (inference 
 the head trains on those features: one backbone pass per image instead of one per image per epoch.
 With a :class:`~transferlab.cache.FeatureCache` that pass is stored on disk and shared by every run
 with the same backbone, images and preprocessing (a sweep of learning rates and seeds pays it once).
-Otherwise every batch runs the whole model, with only the trainable parts in train mode.
+Otherwise every batch runs the whole model, with only the trainable parts in train mode; augmented
+training images come through a DataLoader (``trainer.num_workers``), each under its own seed.
+
+An optimizer update closes a window of ``trainer.accumulate_steps`` batches: gradients are clipped
+(``trainer.grad_clip_norm``), the optimizer steps, the EMA (``trainer.ema_decay``) follows, and the
+lr schedule moves to the next update. A stop request is honoured after an update, so a checkpoint
+never holds half a window's gradients.
 """
 
 from __future__ import annotations
@@ -14,124 +20,49 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm.auto import tqdm
 
+from transferlab.augment import AugmentedImages, build_mixup, build_train_transform, seeded
 from transferlab.backbones import TransferModel
 from transferlab.cache import FeatureCache
-from transferlab.data import PreparedData, augment, normalize
+from transferlab.data import PreparedData, eval_crop, normalize
+from transferlab.loop_state import (  # re-exported: the engine's public names
+    FitResult,
+    FitState,
+    MetricLogger,
+    NonFiniteLossError,
+    Precision,
+    StopRequested,
+    better,
+    classification_metrics,
+    select_device,
+    training_batches,
+)
 from transferlab.modes import Trainable, freeze
-from transferlab.schemas import Stage, TrainerConfig
+from transferlab.schedule import group_lrs
+from transferlab.schemas import AugmentConfig, Stage, TrainerConfig
 
-MetricLogger = Callable[[dict[str, float], int], None]
-
-
-def select_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-@dataclass
-class Precision:
-    """Autocast settings: bf16 (or fp16 with a grad scaler) on CUDA when amp is on, fp32 elsewhere."""
-
-    device: torch.device
-    enabled: bool
-    dtype: torch.dtype = torch.float32
-    scaler: torch.amp.GradScaler | None = None
-
-    @classmethod
-    def for_device(cls, device: torch.device, amp: bool) -> Precision:
-        if not (amp and device.type == "cuda"):
-            return cls(device, False)
-        if torch.cuda.is_bf16_supported():
-            return cls(device, True, torch.bfloat16)
-        return cls(device, True, torch.float16, torch.amp.GradScaler("cuda"))
-
-    def autocast(self):  # noqa: ANN201 - a context manager
-        return torch.autocast(self.device.type, dtype=self.dtype) if self.enabled else nullcontext()
-
-
-def classification_metrics(labels: np.ndarray, preds: np.ndarray, loss: float) -> dict[str, float]:
-    return {
-        "loss": loss,
-        "accuracy": float(accuracy_score(labels, preds)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
-        "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
-    }
-
-
-def better(monitor: str, value: float, best: float | None) -> bool:
-    if best is None:
-        return True
-    return value < best if monitor == "loss" else value > best
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A NaN or infinite training loss under ``trainer.on_nan=error``: the run ends FAILED."""
-
-
-class StopRequested(KeyboardInterrupt):
-    """SIGTERM/SIGINT arrived: the current step finished and ``state`` is where to resume.
-
-    A KeyboardInterrupt, so that the MLflow run ends KILLED (not FAILED) and sweeps stop too.
-    """
-
-    def __init__(self, state: FitState) -> None:
-        self.state = state
-        super().__init__(f"stopped after epoch {state.epoch} step {state.step}")
-
-
-@dataclass
-class FitState:
-    """Everything the loop carries from step to step: a checkpoint saves it, a resume restores it."""
-
-    epoch: int = 0  # the epoch in progress, or the next one
-    step: int = 0  # batches of that epoch already trained
-    order: torch.Tensor | None = None  # that epoch's data order; None until it is drawn
-    totals: dict[str, float] = field(default_factory=dict)  # the epoch's running sums
-    global_step: int = 0
-    best_value: float | None = None
-    best_epoch: int = -1
-    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def next_epoch(self) -> None:
-        self.epoch, self.step, self.order, self.totals = self.epoch + 1, 0, None, {}
-
-
-@dataclass
-class FitResult:
-    best_epoch: int
-    best_state: dict[str, torch.Tensor]
-    history: list[dict[str, float]] = field(default_factory=list)
-    feature_seconds: float = 0.0  # time spent computing frozen features (0 when not used)
-    used_feature_path: bool = False
-    feature_cache_hit: bool | None = None  # None: the on-disk feature cache was not used
-
-
-def training_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """``order`` in batches; a last batch of one image joins the one before it.
-
-    BatchNorm in train mode cannot normalise a single sample (PyTorch raises), so a split size
-    that leaves one image over would crash full fine-tuning in its last step.
-    """
-    batches = list(order.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2:] = [torch.cat(batches[-2:])]
-    return batches
+__all__ = [
+    "FitResult",
+    "FitState",
+    "MetricLogger",
+    "NonFiniteLossError",
+    "Precision",
+    "Runner",
+    "StopRequested",
+    "better",
+    "classification_metrics",
+    "select_device",
+    "training_batches",
+]
 
 
 class Runner:
@@ -147,11 +78,17 @@ class Runner:
         data: PreparedData,
         cfg: TrainerConfig,
         seed: int,
-        augment_inputs: bool,
+        augment: AugmentConfig | None = None,
         feature_cache: FeatureCache | None = None,
     ) -> None:
         self.model, self.data, self.cfg, self.seed = model, data, cfg, seed
-        self.augment_inputs = augment_inputs
+        self.augment = augment if augment is not None and augment.active else None
+        self.transform = None  # per-image training transform (None: the eval crop)
+        if self.augment is not None and self.augment.per_image:
+            self.transform = build_train_transform(self.augment, data.preprocess)
+        self.mixup = (
+            build_mixup(self.augment, cfg.label_smoothing, data.num_classes) if self.augment else None
+        )
         self.device = select_device(cfg.device)
         self.precision = Precision.for_device(self.device, cfg.amp)
         # channels_last pays off for convolutions; it is a no-op layout hint for ViTs.
@@ -166,6 +103,7 @@ class Runner:
         self.stage: Stage | None = None  # set by enter(): fit() and train_epoch() need one
         self.trainable: Trainable | None = None
         self.features: torch.Tensor | None = None
+        self.ema: ModelEmaV3 | None = None  # per stage, when trainer.ema_decay is set
 
     def enter(self, stage: Stage) -> Trainable:
         """Start a stage: freeze what it does not train, and seed its data order afresh.
@@ -179,11 +117,18 @@ class Runner:
         # A fresh fp16 grad scaler too: a stage never starts from the scale the one before it reached.
         self.precision = Precision.for_device(self.device, self.cfg.amp)
         self.trainable = freeze(self.model, stage)
+        # The average starts from the stage's starting weights (lp_ft's fine-tune: the probe's head).
+        self.ema = ModelEmaV3(self.model, decay=self.cfg.ema_decay) if self.cfg.ema_decay else None
         return self.trainable
 
     @property
+    def augmenting(self) -> bool:
+        """Whether this stage's training inputs are augmented (lp_ft's probe: mode.probe_augment)."""
+        return self.augment is not None and self.stage is not None and self.stage.augment
+
+    @property
     def frozen_features(self) -> bool:
-        return not self._trainable().trains_backbone and not self.augment_inputs
+        return not self._trainable().trains_backbone and not self.augmenting
 
     def _trainable(self) -> Trainable:
         if self.trainable is None:
@@ -200,12 +145,32 @@ class Runner:
         }
 
     # -- inputs --------------------------------------------------------------------------------
-    def _inputs(self, idx: torch.Tensor, train: bool) -> torch.Tensor:
-        batch = self.data.images[idx]
-        if train and self.augment_inputs:
-            batch = augment(batch, self.generator)
-        batch = self._to_device(batch)
+    def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        """The eval crop of stored images, normalised on the device: what validation and test see."""
+        batch = self._to_device(eval_crop(self.data.images[idx], self.data.preprocess))
         return normalize(batch, self.data.preprocess).contiguous(memory_format=self.memory_format)
+
+    def _train_inputs(self, state: FitState, batches: list[torch.Tensor]) -> Iterator[torch.Tensor | None]:
+        """Each remaining batch's inputs from ``state.step``: augmented per image through a DataLoader,
+        the eval crop otherwise, None on frozen features (the head reads ``self.features``)."""
+        if self.features is not None:
+            yield from (None for _ in batches[state.step :])
+            return
+        if self.transform is None or not self.augmenting:
+            yield from (self._inputs(state.order[pos]) for pos in batches[state.step :])
+            return
+        items = [[(int(state.order[p]), int(state.seeds[p])) for p in pos] for pos in batches[state.step :]]
+        loader = torch.utils.data.DataLoader(
+            AugmentedImages(self.data.images, self.transform),
+            batch_sampler=items,
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.pin_memory,
+            # Its own generator: the DataLoader draws a base seed per iterator, which must not move
+            # the global stream (dropout) by one draw more in a resumed epoch. Images have their seeds.
+            generator=torch.Generator().manual_seed(0),
+        )
+        for batch in loader:
+            yield self._to_device(batch).contiguous(memory_format=self.memory_format)
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         # pin_memory() draws from PyTorch's caching host allocator, which keeps the block alive
@@ -220,17 +185,27 @@ class Runner:
         chunks = []
         for idx in order.split(self.cfg.batch_size):
             with self.precision.autocast():
-                chunks.append(self.model.backbone(self._inputs(idx, train=False)).float())
+                chunks.append(self.model.backbone(self._inputs(idx)).float())
         return torch.cat(chunks)
 
     # -- loops ---------------------------------------------------------------------------------
-    def _logits(self, idx: torch.Tensor, train: bool) -> torch.Tensor:
+    def _logits(
+        self, idx: torch.Tensor, inputs: torch.Tensor | None = None, train: bool = False
+    ) -> torch.Tensor:
+        """Training: the live model (its compiled forward); evaluation: the EMA weights when kept."""
+        evaluated = self.ema.module if self.ema is not None and not train else None
         if self.features is not None:
-            return self.model.head(self.features[idx.to(self.features.device)])
-        return self.net(self._inputs(idx, train))
+            head = evaluated.head if evaluated is not None else self.model.head
+            return head(self.features[idx.to(self.features.device)])
+        net = evaluated if evaluated is not None else self.net
+        return net(inputs if inputs is not None else self._inputs(idx))
 
     def train_epoch(
-        self, optimizer: torch.optim.Optimizer, state: FitState, should_stop: Callable[[], bool]
+        self,
+        optimizer: torch.optim.Optimizer,
+        state: FitState,
+        should_stop: Callable[[], bool],
+        scheduler: Any = None,
     ) -> dict[str, float]:
         """Train from ``state.step`` of epoch ``state.epoch`` to its end (all of it unless resuming)."""
         self._trainable()
@@ -238,27 +213,46 @@ class Runner:
         if state.order is None:  # a new epoch: draw its data order (a resumed one keeps its own)
             train_idx = torch.from_numpy(self.data.splits.train)
             state.order = train_idx[torch.randperm(len(train_idx), generator=self.generator)]
+            if self.augmenting:  # one seed per image: its crops, flips, policy ops and erasing
+                state.seeds = torch.randint(0, 2**62, (len(train_idx),), generator=self.generator)
             state.totals = {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0}
-        loss_fn = nn.CrossEntropyLoss()
-        totals = state.totals
+        mixup = self.mixup if self.augmenting else None
+        loss_fn = (
+            SoftTargetCrossEntropy()
+            if mixup
+            else nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
+        )
+        totals, accumulate = state.totals, self.cfg.accumulate_steps
         start = time.perf_counter()
-        batches = training_batches(state.order, self.cfg.batch_size)
+        # Batches of positions in the epoch's order (a position indexes the order and the seeds).
+        batches = training_batches(
+            torch.arange(len(state.order)), self.cfg.batch_size, even=mixup is not None
+        )
         # In a log file (no TTY) redraw rarely rather than once per batch.
         bar = tqdm(
-            batches[state.step :],
+            range(state.step, len(batches)),
             desc=f"epoch {state.epoch}",
             disable=not self.cfg.progress,
             leave=False,
             unit="batch",
             mininterval=0.5 if sys.stderr.isatty() else 30,
         )
-        for idx in bar:
+        inputs = self._train_inputs(state, batches)
+        contributed = False  # whether a batch of the open window had a finite loss
+        for b in bar:
+            idx = state.order[batches[b]]
+            window = len(batches[b - b % accumulate : b - b % accumulate + accumulate])
+            if b % accumulate == 0:
+                optimizer.zero_grad(set_to_none=True)
             labels = self._to_device(self.data.labels[idx])
+            x, targets = next(inputs), labels
+            if mixup is not None:  # seeded per batch, like the images: a resumed epoch mixes the same
+                with seeded(int(state.seeds[batches[b][0]]) + 1):
+                    x, targets = mixup(x if x is not None else self._inputs(idx), labels)
             with self.precision.autocast():
-                logits = self._logits(idx, train=True)
-                loss = loss_fn(logits.float(), labels)
+                logits = self._logits(idx, x, train=True)
+                loss = loss_fn(logits.float(), targets)
             value = loss.item()
-            optimizer.zero_grad(set_to_none=True)
             if not math.isfinite(value):
                 if self.cfg.on_nan == "error":
                     raise NonFiniteLossError(
@@ -266,23 +260,25 @@ class Runner:
                         f"(global step {state.global_step}). Fix: lower optimizer.lr, check the data, "
                         "or pass trainer.on_nan=skip to drop such batches"
                     )
-                totals["skipped"] += 1  # trainer.on_nan=skip: no update from this batch
+                totals["skipped"] += 1  # trainer.on_nan=skip: no gradient from this batch
             else:
+                scaled = loss / window  # the window's gradient is the mean over its batches
                 if self.precision.scaler is not None:
-                    self.precision.scaler.scale(loss).backward()
-                    self.precision.scaler.step(optimizer)
-                    self.precision.scaler.update()
+                    self.precision.scaler.scale(scaled).backward()
                 else:
-                    loss.backward()
-                    optimizer.step()
+                    scaled.backward()
+                contributed = True
                 totals["loss"] += value * len(idx)
                 totals["correct"] += (logits.argmax(1) == labels).sum().item()
                 totals["seen"] += len(idx)
                 bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.4f}", refresh=False)
             state.step += 1
             state.global_step += 1
-            if should_stop():  # a signal arrived: the step is done, the caller saves and exits
-                raise StopRequested(state)
+            if state.step % accumulate == 0 or state.step == len(batches):  # the window is complete
+                self._update(optimizer, scheduler, state, contributed)
+                contributed = False
+                if should_stop():  # a signal arrived: the update is done, the caller saves and exits
+                    raise StopRequested(state)
         seconds = time.perf_counter() - start
         seen = totals["seen"]
         return {
@@ -291,7 +287,36 @@ class Runner:
             "epoch_time_s": seconds,
             "images_per_s": seen / seconds if seconds else 0.0,
             "skipped_nonfinite_batches": totals["skipped"],
+            **group_lrs(optimizer),  # the lr the next update runs at
         }
+
+    def _update(
+        self, optimizer: torch.optim.Optimizer, scheduler: Any, state: FitState, contributed: bool
+    ) -> None:
+        """Close a window: clip, step (unless every batch in it was skipped), average, schedule."""
+        scaler = self.precision.scaler
+        if contributed:
+            if self.cfg.grad_clip_norm is not None:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        state.updates += 1  # the schedule follows updates in time, a skipped one included
+        if contributed and self.ema is not None:
+            self.ema.update(self.model, step=state.updates)
+        if scheduler is not None:
+            scheduler.step_update(num_updates=state.updates)
+
+    def updates_per_epoch(self) -> int:
+        """Optimizer updates in one epoch of this stage (the schedule's unit)."""
+        even = self.mixup is not None and self.augmenting
+        batches = len(training_batches(torch.arange(len(self.data.splits.train)), self.cfg.batch_size, even))
+        return math.ceil(batches / self.cfg.accumulate_steps)
 
     @torch.inference_mode()
     def predict(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -302,7 +327,7 @@ class Runner:
         for idx in idx_all.split(self.cfg.batch_size):
             labels = self.data.labels[idx].to(self.device)
             with self.precision.autocast():
-                logits = self._logits(idx, train=False).float()
+                logits = self._logits(idx).float()
             total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
             preds.append(logits.argmax(1).cpu())
         labels_np = self.data.labels[idx_all].numpy()
@@ -323,6 +348,7 @@ class Runner:
         checkpoint: Callable[[FitState], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         publish: Callable[[], None] = lambda: None,
+        scheduler: Any = None,
     ) -> FitResult:
         """Train until ``epochs`` are done, from ``state`` when resuming (see :mod:`transferlab.checkpoint`).
 
@@ -348,8 +374,9 @@ class Runner:
         try:
             if should_stop():  # a signal during data preparation or feature extraction
                 raise StopRequested(state)
-            while state.epoch < start_epoch + epochs:
-                row = self.train_epoch(optimizer, state, should_stop)
+            patience = self.cfg.early_stop_patience
+            while state.epoch < start_epoch + epochs and state.stopped_early_at is None:
+                row = self.train_epoch(optimizer, state, should_stop, scheduler)
                 val, _, _ = self.evaluate(self.data.splits.val)
                 row.update({f"val_{k}": v for k, v in val.items()})
                 log(row, state.epoch)
@@ -357,9 +384,9 @@ class Runner:
                 if better(self.cfg.monitor, val[self.cfg.monitor], state.best_value):
                     state.best_value = val[self.cfg.monitor]
                     state.best_epoch = state.epoch
-                    # Only what trains can differ from the start; a frozen backbone is not copied.
-                    module = self.model if self._trainable().trains_backbone else self.model.head
-                    state.best_state = copy.deepcopy(module.state_dict())
+                    state.best_state = copy.deepcopy(self._kept().state_dict())
+                if patience is not None and state.epoch - state.best_epoch >= patience:
+                    state.stopped_early_at = state.epoch
                 state.next_epoch()
                 if checkpoint is not None:
                     checkpoint(state)
@@ -375,8 +402,16 @@ class Runner:
             feature_seconds,
             self.features is not None,
             cache_hit,
+            state.stopped_early_at,
         )
 
+    def _kept(self) -> nn.Module:
+        """What a best epoch keeps: the evaluated weights (EMA when on), whole or (frozen backbone) the head."""
+        module = self.ema.module if self.ema is not None else self.model
+        return module if self._trainable().trains_backbone else module.head
+
     def load_best(self, result: FitResult) -> None:
+        """The best epoch's weights into the model, which is tested from here (the EMA's work is done)."""
         module = self.model if self._trainable().trains_backbone else self.model.head
         module.load_state_dict(result.best_state)
+        self.ema = None

@@ -1,12 +1,14 @@
 """Parameter groups: discriminative learning rates for the head, the backbone and its layers.
 
 The optimizer (``cfg.optimizer``, a ``_partial_`` leaf) is called with a list of groups instead of
-a flat parameter list. Each group carries its own ``lr`` (and ``weight_decay`` where it differs from
-the optimizer's), plus a ``name`` that torch keeps in ``optimizer.param_groups`` for the log:
+a flat parameter list. Each group carries ``lr`` = the stage's lr and ``lr_scale``, its ratio to the
+head, which timm's schedulers apply (``lr = schedule x lr_scale``, :mod:`transferlab.schedule`: the
+ratios hold through warmup and decay), a ``weight_decay`` where it differs from the optimizer's, and a
+``name`` that torch keeps in ``optimizer.param_groups`` for the log. Ratios:
 
-- ``head``: ``optimizer.lr`` (``Stage.lr``).
-- ``backbone``: ``lr x mode.backbone_lr_scale``, or with ``mode.layer_decay`` one group per layer and
-  decay class, ``lr x backbone_lr_scale x layer_decay ** (top - layer)``. timm models get their groups
+- ``head``: 1 (``optimizer.lr``, ``Stage.lr``).
+- ``backbone``: ``mode.backbone_lr_scale``, or with ``mode.layer_decay`` one group per layer and
+  decay class, ``backbone_lr_scale x layer_decay ** (top - layer)``. timm models get their groups
   from ``timm.optim.param_groups_layer_decay`` (layers from the model's own ``group_matcher``);
   torchvision models the same formula over the structural layers of :mod:`transferlab.modes`.
 """
@@ -73,16 +75,15 @@ def _backbone_layer_groups(backbone: nn.Module, weight_decay: float, layer_decay
 
 
 def param_groups(model: TransferModel, stage: Stage, weight_decay: float) -> list[ParamGroup]:
-    """The trainable parameters of ``model`` in this stage, grouped by learning rate."""
-    groups: list[ParamGroup] = [
-        {"name": "head", "params": [p for p in model.head.parameters() if p.requires_grad], "lr": stage.lr}
-    ]
+    """The trainable parameters of ``model`` in this stage, grouped by learning-rate ratio."""
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    groups: list[ParamGroup] = [{"name": "head", "params": head, "lr": stage.lr, "lr_scale": 1.0}]
     trainable = [p for p in model.backbone.parameters() if p.requires_grad]
     if not trainable:
         return groups
-    base = stage.lr * stage.backbone_lr_scale
+    base = stage.backbone_lr_scale
     if stage.layer_decay is None:
-        return [*groups, {"name": "backbone", "params": trainable, "lr": base}]
+        return [*groups, {"name": "backbone", "params": trainable, "lr": stage.lr, "lr_scale": base}]
     param_name = {id(p): n for n, p in model.backbone.named_parameters()}
     exempt = _no_weight_decay(model.backbone)
     for group in _backbone_layer_groups(model.backbone, weight_decay, stage.layer_decay):
@@ -90,7 +91,8 @@ def param_groups(model: TransferModel, stage: Stage, weight_decay: float) -> lis
         first = group["params"][0]
         decay = "no_decay" if first.ndim <= 1 or param_name[id(first)] in exempt else "decay"
         label = _layer_label(param_name[id(first)])
-        groups.append({**group, "lr": base * scale, "name": f"backbone.{label}.{decay}"})
+        name = f"backbone.{label}.{decay}"
+        groups.append({**group, "lr": stage.lr, "lr_scale": base * scale, "name": name})
     return groups
 
 
@@ -101,12 +103,14 @@ def _layer_label(param_name: str) -> str:
 
 
 def describe(model: TransferModel, groups: list[ParamGroup]) -> list[dict[str, Any]]:
-    """Groups as plain data for the log: name, lr, weight decay, size and the tensors in each."""
+    """Groups as plain data for the log: name, peak lr, weight decay, size and the tensors in each."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [
         {
             "name": g["name"],
-            "lr": g["lr"],
+            # The stage's lr x the group's ratio: the peak a schedule reaches (its initial_lr once built).
+            "lr": g.get("initial_lr", g["lr"]) * g.get("lr_scale", 1.0),
+            "lr_scale": g.get("lr_scale", 1.0),
             "weight_decay": g.get("weight_decay", "optimizer default"),
             "num_params": sum(p.numel() for p in g["params"]),
             "tensors": [names[id(p)] for p in g["params"]],

@@ -369,14 +369,14 @@ def log_stage(
         head["lr"],
         f"{min(backbone_lrs):.3g}..{max(backbone_lrs):.3g}" if backbone_lrs else "frozen",
     )
-    extra = {"lr_head": float(head["lr"]), "lr_backbone": float(max(backbone_lrs, default=0.0))}
+    extra = {}  # lr_head and lr_backbone come with each epoch's row: the schedule moves them
     if of > 1:
         extra["stage"] = float(index)
     write = sink or log_epoch  # sink: e.g. resilient.EpochLog, which survives a server outage
     return lambda row, step: write({**row, **extra}, step)
 
 
-def log_cache_use(cfg: Any, trains_backbone: bool, inputs: Any) -> None:
+def log_cache_use(cfg: Any, trains_backbone: bool, augmented: bool, inputs: Any) -> None:
     """Tags (and a log line) saying whether the caches under paths.cache_dir serve this run, and why not.
 
     ``inputs`` is the decoded-input cache lookup (None when not cached). Whether the feature cache
@@ -386,10 +386,10 @@ def log_cache_use(cfg: Any, trains_backbone: bool, inputs: Any) -> None:
 
     if trains_backbone:
         features = "off: the backbone trains, so its features change every step"
-    elif cfg.data.augment:
+    elif augmented:
         features = (
-            "off: data.augment=true changes the inputs every epoch, so the frozen backbone runs on "
-            "every batch (no gradients through it)"
+            f"off: augment={cfg.augment.name} changes the inputs every epoch, so the frozen backbone "
+            "runs live on every batch (no gradients through it)"
         )
     elif not cfg.trainer.feature_cache:
         features = "off: trainer.feature_cache=false (features computed once, in memory)"

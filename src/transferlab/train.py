@@ -33,6 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from transferlab import sweep, tracking
+from transferlab.augment import build_train_transform
 from transferlab.backbones import BuiltBackbone, build_backbone, check_backbone_name, find_classifier
 from transferlab.cache import FeatureCache, Lookup, prepare_cached
 from transferlab.checkpoint import Checkpoint, StopSignal, resume_hint, set_deterministic, stop_signals
@@ -42,6 +43,7 @@ from transferlab.modes import check_stages, count_parameters, make_model
 from transferlab.optim import describe, param_groups
 from transferlab.preflight import check_overrides
 from transferlab.resilient import EpochLog, retry
+from transferlab.schedule import build_scheduler
 from transferlab.schemas import ConfigError, Stage, TrainConfig, config_hash, register_configs, to_typed
 
 log = logging.getLogger("transferlab.train")
@@ -81,11 +83,15 @@ def train(
 
         # The new head on the backbone; what trains is decided per stage (transferlab.modes.freeze).
         model = make_model(built.model, data.num_classes)
-        counts = {"total_params": count_parameters(model), "head_params": count_parameters(model.head)}
+        counts = {
+            "total_params": count_parameters(model),
+            "head_params": count_parameters(model.head),
+            "effective_batch_size": cfg.trainer.batch_size * cfg.trainer.accumulate_steps,
+        }
         tracking.log_reproducibility(cfg, built, data, counts)
         # Frozen features are computed once per backbone, weights and images, and shared on disk.
         features = FeatureCache(cfg.paths.cache_dir, built) if cfg.trainer.feature_cache else None
-        runner = Runner(model, data, cfg.trainer, cfg.seed, cfg.data.augment, features)
+        runner = Runner(model, data, cfg.trainer, cfg.seed, cfg.augment, features)
         # Per-epoch metrics survive a tracking-server outage (kept beside the checkpoint, replayed).
         resume_step = ckpt.resumed_from["epoch"] if ckpt.resumed_from else None
         log_epoch = EpochLog(run.info.run_id, ckpt.path.parent, resume_step)
@@ -137,6 +143,8 @@ def build_checked_backbone(cfg: TrainConfig) -> BuiltBackbone:
     built = build_backbone(cfg.backbone)
     find_classifier(built.model)  # a network whose head no mode can replace: bad input, no run
     check_stages(cfg.mode, built.model, cfg.backbone.name)  # mode=partial: enough stages to train
+    if cfg.augment.per_image:  # a policy string timm cannot parse is bad input too
+        build_train_transform(cfg.augment, built.preprocess)
     return built
 
 
@@ -148,6 +156,8 @@ def run_identity(cfg: TrainConfig, choices: dict[str, str], job: sweep.Job | Non
         "backbone": cfg.backbone.name,
         "dataset": cfg.data.name,
         "seed": str(cfg.seed),
+        # Which weights were validated, kept as best and tested: the EMA's when trainer.ema_decay is set.
+        "tested_weights": "ema" if cfg.trainer.ema_decay else "model",
         sweep.CONFIG_HASH: config_hash(cfg),
     }
     run_name = cfg.mlflow.run_name
@@ -186,14 +196,15 @@ def fit_stage(
     """One stage: freeze what it does not train, build its optimizer, fit, keep the best epoch."""
     trainable = runner.enter(stage)  # which parameters train, which modules stay in eval mode
     if index == 0:
-        tracking.log_cache_use(cfg, trainable.trains_backbone, inputs)
-    groups = param_groups(runner.model, stage, cfg.optimizer.weight_decay)  # lr per head/backbone/layer
+        tracking.log_cache_use(cfg, trainable.trains_backbone, runner.augmenting, inputs)
+    groups = param_groups(runner.model, stage, cfg.optimizer.weight_decay)  # lr ratio per head/backbone/layer
     optimizer = instantiate(cfg.optimizer)(groups)  # only trainable parameters reach it
+    described = describe(runner.model, groups)  # peak lrs, before the schedule's warmup lowers them
+    # Stepped per update over this stage alone: lp_ft's fine-tune warms up and decays on its own.
+    scheduler = build_scheduler(cfg.scheduler, optimizer, stage.epochs, runner.updates_per_epoch())
     counts["trainable_params"] = count_parameters(runner.model, lambda p: p.requires_grad)
-    epoch_log = tracking.log_stage(
-        stage, trainable, describe(runner.model, groups), counts, index, of, log_epoch
-    )
-    resume_state = ckpt.bind(log_epoch.run_id, runner, optimizer)  # None unless resuming here
+    epoch_log = tracking.log_stage(stage, trainable, described, counts, index, of, log_epoch)
+    resume_state = ckpt.bind(log_epoch.run_id, runner, optimizer, scheduler)  # None unless resuming here
     fit = runner.fit(
         optimizer,
         stage.epochs,
@@ -203,6 +214,7 @@ def fit_stage(
         checkpoint=ckpt.save,
         should_stop=stop.requested,
         publish=log_epoch.publish,
+        scheduler=scheduler,
     )
     runner.load_best(fit)  # the best-on-validation checkpoint: tested, or the next stage's start
     return fit
@@ -211,7 +223,10 @@ def fit_stage(
 def best_metrics(fit: FitResult, prefix: str = "best_") -> dict[str, float]:
     """The validation metrics of the epoch that was kept (the best on ``trainer.monitor``)."""
     best_row = next(row for row in fit.history if row["epoch"] == fit.best_epoch)
-    return {f"{prefix}{k}": v for k, v in best_row.items() if k.startswith("val_")}
+    metrics = {f"{prefix}{k}": v for k, v in best_row.items() if k.startswith("val_")}
+    if fit.stopped_early_at is not None:  # trainer.early_stop_patience ended the stage here
+        metrics[f"{prefix.removesuffix('best_')}stopped_early_at"] = fit.stopped_early_at
+    return metrics
 
 
 def intermediate_results(runner: Runner, fit: FitResult, stage: Stage, ckpt: Checkpoint) -> dict[str, float]:

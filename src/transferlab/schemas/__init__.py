@@ -4,6 +4,7 @@ The bottom layer: these modules import nothing of transferlab's beyond this pack
 other layer may import them (schemas -> domain -> engine -> entrypoints; tests/test_layers.py).
 """
 
+from transferlab.schemas.augment import AugmentConfig
 from transferlab.schemas.backbone import BackboneConfig
 from transferlab.schemas.data import (
     DATA_SCHEMAS,
@@ -35,6 +36,7 @@ from transferlab.schemas.optimizer import (
 )
 from transferlab.schemas.paths import PathsConfig
 from transferlab.schemas.root import TrainConfig, register_configs, repo_root, to_typed
+from transferlab.schemas.scheduler import SCHEDULER_SCHEMAS, SchedulerConfig, StepSchedulerConfig
 from transferlab.schemas.sweep import SweepConfig
 from transferlab.schemas.trainer import TrainerConfig
 
@@ -44,7 +46,9 @@ __all__ = [
     "MODE_SCHEMAS",
     "NOT_SEMANTIC",
     "TORCHVISION_DATASETS",
+    "SCHEDULER_SCHEMAS",
     "AdamConfig",
+    "AugmentConfig",
     "AdamWConfig",
     "BackboneConfig",
     "ConfigError",
@@ -59,6 +63,8 @@ __all__ = [
     "PartialModeConfig",
     "PathsConfig",
     "SGDConfig",
+    "SchedulerConfig",
+    "StepSchedulerConfig",
     "Stage",
     "SweepConfig",
     "SyntheticDataConfig",

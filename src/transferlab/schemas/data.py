@@ -30,9 +30,6 @@ class DataConfig:
     val_fraction: float = 0.1
     # The split is seeded apart from ``seed`` so that seeds vary the training, not the data.
     split_seed: int = 42
-    # Train-time augmentation (random horizontal flips). Off by default: a frozen backbone
-    # then sees each image once and its features are computed a single time.
-    augment: bool = False
     # Keep the decoded, resized images under paths.cache_dir/inputs: later runs skip decoding.
     cache: bool = True
 

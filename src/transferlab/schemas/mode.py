@@ -28,6 +28,7 @@ class Stage:
     backbone_lr_scale: float
     layer_decay: float | None
     batchnorm: str  # "frozen" or "train"; read only when the backbone trains
+    augment: bool = True  # whether the run's augmentation applies (lp_ft's probe: mode.probe_augment)
 
     @property
     def trains_backbone(self) -> bool:
@@ -39,10 +40,20 @@ class Stage:
         return self.first_step + self.epochs
 
 
-def probe_stage(name: str, epochs: int, first_step: int, lr: float) -> Stage:
+def probe_stage(name: str, epochs: int, first_step: int, lr: float, augment: bool = True) -> Stage:
     """A stage with the backbone frozen: only the head trains. Its backbone knobs are never read
     (a frozen backbone is in eval mode whatever ``batchnorm`` says); they are logged as they were."""
-    return Stage(name, epochs, first_step, lr, 0, backbone_lr_scale=1.0, layer_decay=None, batchnorm="train")
+    return Stage(
+        name,
+        epochs,
+        first_step,
+        lr,
+        0,
+        backbone_lr_scale=1.0,
+        layer_decay=None,
+        batchnorm="train",
+        augment=augment,
+    )
 
 
 @dataclass
@@ -155,6 +166,9 @@ class LpFtModeConfig(FinetuneModeConfig):
     # statistics at the first fine-tune step and invalidate it (on ELPV: train loss 0.35 -> 2.60 and
     # val accuracy 0.89 -> 0.31 in the first epoch with `train`, 0.48 / 0.84 with `frozen`).
     batchnorm: str = "frozen"
+    # false: the probe trains on the eval crop (so on cached features), as the LP-FT paper fits its
+    # probe on fixed features; the run's augmentation starts with the fine-tune stage.
+    probe_augment: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -167,7 +181,7 @@ class LpFtModeConfig(FinetuneModeConfig):
         positive("mode.probe_lr", self.probe_lr, "use e.g. mode.probe_lr=1e-3")
 
     def stages(self, epochs: int, lr: float) -> list[Stage]:
-        probe = probe_stage("probe", self.probe_epochs, 0, self.probe_lr)
+        probe = probe_stage("probe", self.probe_epochs, 0, self.probe_lr, self.probe_augment)
         return [probe, self.tuned_stage("finetune", epochs, self.probe_epochs, lr, ALL_STAGES)]
 
 

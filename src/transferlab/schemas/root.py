@@ -21,6 +21,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from transferlab.schemas.augment import AugmentConfig
 from transferlab.schemas.backbone import BackboneConfig
 from transferlab.schemas.data import DATA_SCHEMAS
 from transferlab.schemas.errors import ConfigError, seed_range
@@ -28,6 +29,7 @@ from transferlab.schemas.mlflow import MlflowConfig
 from transferlab.schemas.mode import MODE_SCHEMAS, ModeConfig
 from transferlab.schemas.optimizer import AdamConfig, AdamWConfig, SGDConfig
 from transferlab.schemas.paths import PathsConfig
+from transferlab.schemas.scheduler import SCHEDULER_SCHEMAS
 from transferlab.schemas.sweep import SweepConfig
 from transferlab.schemas.trainer import TrainerConfig
 
@@ -40,6 +42,9 @@ class TrainConfig:
     mode: ModeConfig = MISSING
     # Each option has its own schema (Adam has betas, SGD momentum): typed per option, not here.
     optimizer: Any = MISSING
+    # constant, cosine, linear share a schema; step adds its decay keys.
+    scheduler: Any = MISSING
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     data: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -55,6 +60,15 @@ class TrainConfig:
         seed_range("seed", self.seed)
         if self.resume_run is not None and not self.resume:
             raise ConfigError("resume_run", "is set but resume=false", "drop resume=false or resume_run")
+        # Settings that are each fine alone but not together, checked before anything runs.
+        for stage in self.mode.stages(self.trainer.epochs, self.optimizer.lr):
+            self.scheduler.check_stage(stage.name, stage.epochs, stage.lr)
+        if self.augment.mixes and self.trainer.batch_size % 2:
+            raise ConfigError(
+                "trainer.batch_size",
+                f"mixup / cutmix pair each image with another of its batch, got an odd {self.trainer.batch_size}",
+                f"use an even batch size, e.g. trainer.batch_size={self.trainer.batch_size + 1}",
+            )
 
 
 def repo_root() -> str:
@@ -84,6 +98,9 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="sgd_schema", node=SGDConfig)
     for source, schema in DATA_SCHEMAS.items():
         cs.store(group="data", name=f"{source}_schema", node=schema)
+    for name, schema in SCHEDULER_SCHEMAS.items():
+        cs.store(group="scheduler", name=f"{name}_schema", node=schema)
+    cs.store(group="augment", name="schema", node=AugmentConfig)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="mlflow", name="schema", node=MlflowConfig)
     cs.store(group="paths", name="schema", node=PathsConfig)

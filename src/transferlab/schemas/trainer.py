@@ -34,6 +34,19 @@ class TrainerConfig:
     on_nan: str = "error"
     # Write a checkpoint atomically after every epoch and on SIGTERM/SIGINT (resume needs it).
     checkpoint: bool = True
+    # Cross-entropy against (1 - e) one-hot + e / classes (with mixup: timm's soft targets).
+    label_smoothing: float = 0.0
+    # An exponential moving average of the weights (timm's ModelEmaV3), updated after every optimizer
+    # update; null: off. When on, the EMA weights are the ones validated, kept as best and tested.
+    ema_decay: float | None = None
+    # Clip the global gradient norm of the trainable parameters before each update; null: off.
+    grad_clip_norm: float | None = None
+    # Gradients of this many batches are summed (each loss / window size) before an update:
+    # the effective batch is batch_size x accumulate_steps (logged as effective_batch_size).
+    accumulate_steps: int = 1
+    # Stop a stage after this many epochs without a better validation monitor value (metric
+    # stopped_early_at: the last epoch trained); null: train every epoch.
+    early_stop_patience: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -50,6 +63,28 @@ class TrainerConfig:
             )
         if self.on_nan not in ("error", "skip"):
             raise ConfigError("trainer.on_nan", f"unknown policy {self.on_nan!r}", "use error or skip")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(
+                "trainer.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}", "use e.g. 0.1"
+            )
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(
+                "trainer.ema_decay", f"must be in (0, 1) or null, got {self.ema_decay}", "use e.g. 0.999"
+            )
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise ConfigError(
+                "trainer.grad_clip_norm", f"must be > 0 or null, got {self.grad_clip_norm}", "use e.g. 1.0"
+            )
+        if self.accumulate_steps < 1:
+            raise ConfigError(
+                "trainer.accumulate_steps", f"must be >= 1, got {self.accumulate_steps}", "use 1 (off)"
+            )
+        if self.early_stop_patience is not None and self.early_stop_patience < 1:
+            raise ConfigError(
+                "trainer.early_stop_patience",
+                f"must be >= 1 or null, got {self.early_stop_patience}",
+                "use e.g. 3, or null to train every epoch",
+            )
         if self.monitor not in ("accuracy", "balanced_accuracy", "macro_f1", "loss"):
             raise ConfigError(
                 "trainer.monitor",

@@ -1,0 +1,120 @@
+"""Train-time augmentation: timm's transforms on each stored image, seeded per image; timm's Mixup.
+
+The stored image is the weights' eval resize, uncropped (:mod:`transferlab.data`). A training image
+goes through timm's ImageNet train pipeline (``transforms_imagenet_train``: RandomResizedCrop to the
+input size, flips, RandAugment / AutoAugment, colour jitter, ToTensor, Normalize with the weights'
+mean and std, RandomErasing), or with ``augment.crop=center`` the eval crop in place of the random
+one. Each image is transformed under a seed of its own, drawn with the epoch's data order: what an
+image becomes depends on (seed, epoch, its place in the epoch) only, not on the worker that ran it
+nor on whether the epoch was resumed. Validation and test never pass through here.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import Mixup
+from timm.data.transforms_factory import transforms_imagenet_train
+from torchvision import transforms
+
+from transferlab.backbones import Preprocess
+from transferlab.schemas import AugmentConfig, ConfigError
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def build_train_transform(cfg: AugmentConfig, pre: Preprocess) -> Transform:
+    """The per-image training transform of ``cfg`` for a backbone whose eval transform is ``pre``.
+
+    Raises :class:`ConfigError` for a policy string timm cannot parse, so it is called before a run starts.
+    """
+    try:
+        primary, secondary, final = transforms_imagenet_train(
+            img_size=pre.crop,
+            scale=tuple(cfg.scale),
+            ratio=tuple(cfg.ratio),
+            hflip=cfg.hflip,
+            vflip=cfg.vflip,
+            color_jitter=cfg.color_jitter or None,
+            auto_augment=cfg.auto_augment,
+            interpolation=pre.interpolation,
+            mean=pre.mean,
+            std=pre.std,
+            re_prob=cfg.re_prob,
+            re_mode=cfg.re_mode,
+            re_count=cfg.re_count,
+            separate=True,
+        )
+    except (AssertionError, ValueError, KeyError, IndexError) as exc:
+        raise ConfigError(
+            "augment.auto_augment",
+            f"timm cannot build {cfg.auto_augment!r} ({type(exc).__name__}: {exc})",
+            "use timm's string form, e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2 or v0",
+        ) from None
+    if cfg.crop == "center":  # the eval crop (the same pixels validation sees), then the flips
+        flips = [t for t in primary.transforms if not isinstance(t, transforms.RandomResizedCrop)]
+        flips = [t for t in flips if type(t).__name__ != "RandomResizedCropAndInterpolation"]
+        primary = transforms.Compose([transforms.CenterCrop(pre.crop), *flips])
+    return transforms.Compose([primary, secondary, final])
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Python, NumPy and torch's global generators seeded for a block, and put back after it.
+
+    timm's transforms and Mixup draw from the global generators; the run's own streams (dropout,
+    the data order) must not see them.
+    """
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A stored (C, H, W) uint8 image as RGB (grey replicated, as the eval path does)."""
+    array = image.numpy()
+    if array.shape[0] == 1:
+        return Image.fromarray(array[0], mode="L").convert("RGB")
+    return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
+
+
+class AugmentedImages(torch.utils.data.Dataset):
+    """Training images by (index, seed): the stored image through ``transform`` under its seed."""
+
+    def __init__(self, images: torch.Tensor, transform: Transform) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        index, seed = item
+        with seeded(seed):
+            return self.transform(to_pil(self.images[index]))
+
+
+def build_mixup(cfg: AugmentConfig, label_smoothing: float, num_classes: int) -> Mixup | None:
+    """timm's Mixup / CutMix (batch mode) with the run's label smoothing in its soft targets."""
+    if not cfg.mixes:
+        return None
+    return Mixup(
+        mixup_alpha=cfg.mixup_alpha,
+        cutmix_alpha=cfg.cutmix_alpha,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        mode="batch",
+        label_smoothing=label_smoothing,
+        num_classes=num_classes,
+    )

@@ -343,7 +343,9 @@ def test_each_lp_ft_stage_warms_up_and_decays_on_its_own(run_cli, tmp_path: Path
     args = [*FAST, "mode=lp_ft", "mode.probe_epochs=2", "trainer.epochs=2", "trainer.progress=false"]
     assert run_cli(*args, "scheduler.min_lr=0", *store_overrides(tmp_path)) == 0
     run_id = runs_in(tmp_path).iloc[0]["run_id"]
-    lrs = [m.value for m in sorted(MlflowClient().get_metric_history(run_id, "lr_head"), key=lambda m: m.step)]
+    lrs = [
+        m.value for m in sorted(MlflowClient().get_metric_history(run_id, "lr_head"), key=lambda m: m.step)
+    ]
     # Logged after each epoch: the lr of the next update. Probe: half-way, then its end (0); fine-tune:
     # its own half-way (at its own lr, 1e-4), then its end.
     assert lrs[1] == lrs[3] == 0.0

@@ -231,3 +231,43 @@ def test_decoded_inputs_are_cached_per_source_and_preprocessing(compose_cfg, tmp
     assert prepare_cached(cfg.data, pre, "", cache_dir, enabled=False)[1] is None
     synthetic = to_typed(compose_cfg(*TINY))
     assert prepare_cached(synthetic.data, pre, "", cache_dir)[1] is None
+
+
+def test_the_streamed_store_equals_decoding_in_memory_with_mixed_channels_and_workers(
+    compose_cfg, tmp_path: Path
+) -> None:
+    """Written image by image (grey ones replicated to RGB as they are copied), decoded in 1 or 2
+    processes: the entry reads back as the same tensors and fingerprint as decoding into memory."""
+    root = tmp_path / "images"
+    _image_folder(root)
+    for i in range(3):  # grey images among RGB ones
+        Image.fromarray(np.full((30, 44), 40 * i, dtype=np.uint8), mode="L").save(root / "dog" / f"g{i}.png")
+    cfg = to_typed(compose_cfg(*TINY, "data=imagefolder", f"data.root={root}"))
+    pre = build_backbone(cfg.backbone).preprocess
+    plain = prepare(cfg.data, pre, "")
+    assert plain.images.shape[1] == 3
+    for workers in (0, 2):
+        data, lookup = prepare_cached(cfg.data, pre, "", str(tmp_path / f"cache-{workers}"), workers=workers)
+        assert not lookup.hit
+        assert torch.equal(data.images, plain.images) and torch.equal(data.labels, plain.labels)
+        assert data.fingerprint == plain.fingerprint
+
+
+def test_a_full_disk_while_decoding_into_the_store_keeps_nothing(
+    compose_cfg, tmp_path: Path, monkeypatch
+) -> None:
+    root = tmp_path / "images"
+    _image_folder(root)
+    cfg = to_typed(compose_cfg(*TINY, "data=imagefolder", f"data.root={root}"))
+    pre = build_backbone(cfg.backbone).preprocess
+
+    def full(path, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003 - write_streamed's
+        Path(path).write_bytes(b"\x00" * 100)  # a partial entry, as a disk filling up leaves one
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache, "write_streamed", full)
+    with pytest.raises(cache.CacheWriteError, match="no space left on device") as info:
+        prepare_cached(cfg.data, pre, "", str(tmp_path / "cache"))
+    assert ".tmp" not in str(info.value) and ".pixels" not in str(info.value)  # it names the entry
+    left = [p for p in (tmp_path / "cache" / "inputs").rglob("*") if not p.name.endswith(".lock")]
+    assert left == []  # no entry, no temporary file, no pixel file (the folder's check record may stay)

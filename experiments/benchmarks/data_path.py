@@ -18,6 +18,7 @@ one command:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -31,7 +32,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-BACKBONE = ["backbone=timm", "backbone.name=test_efficientnet", "backbone.weights=null", "backbone.image_size=224"]
+BACKBONE = [
+    "backbone=timm",
+    "backbone.name=test_efficientnet",
+    "backbone.weights=null",
+    "backbone.image_size=224",
+]
 
 
 def make_folder(root: Path, n: int, seed: int = 0) -> Path:
@@ -72,10 +78,8 @@ def peak_rss_anon(cmd: list[str], log: Path) -> tuple[float, float, int]:
         def sample() -> None:
             nonlocal peak
             while not done.is_set():
-                try:
+                with contextlib.suppress(OSError, AttributeError):  # the process has just ended
                     peak = max(peak, rss_anon_mb(proc.pid))
-                except (OSError, AttributeError):
-                    pass
                 time.sleep(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -132,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                 print((root / f"run-{tag}.log").read_text()[-3000:])
                 return 1
             results[tag] = (peak, seconds)
-            print(f"feature extraction on {tag} images: peak RssAnon {peak:.0f} MB ({seconds:.0f} s)", flush=True)
+            print(
+                f"feature extraction on {tag} images: peak RssAnon {peak:.0f} MB ({seconds:.0f} s)",
+                flush=True,
+            )
         one = decode_seconds(root / f"run-{n}.log")  # that run decoded in-process
         rc = subprocess.run(
             train_cmd(root, small, f"{n}-w2", workers=2),
@@ -147,13 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     (p1, _), (p4, _) = results[f"{n}"], results[f"{4 * n}"]
     cpu = platform.processor() or platform.machine()
     print()
-    print(f"`python experiments/benchmarks/data_path.py{' --quick' if args.quick else ''}` on {os.cpu_count()} cores ({cpu}):")
+    print(
+        f"`python experiments/benchmarks/data_path.py{' --quick' if args.quick else ''}` on {os.cpu_count()} cores ({cpu}):"
+    )
     print(
         f"- (f) peak RssAnon of a feature-extraction run (test_efficientnet at 224 px, fresh cache): "
         f"{n} images {p1:.0f} MB, {4 * n} images {p4:.0f} MB: +{p4 - p1:.0f} MB for {3 * n} more images "
         f"(target < 300 MB; an in-memory store would add about {3 * n * 3 * 256 * 256 / 2**20:.0f} MB)"
     )
-    print(f"- (g) first decode of {n} images: 1 process {one:.1f} s, 2 workers {two:.1f} s: {one / two:.2f}x (target >= 1.7x)")
+    print(
+        f"- (g) first decode of {n} images: 1 process {one:.1f} s, 2 workers {two:.1f} s: {one / two:.2f}x (target >= 1.7x)"
+    )
     return 0
 
 

@@ -22,6 +22,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from transferlab.backbones import BuiltBackbone, Preprocess
-from transferlab.data import PreparedData, Splits, prepare, storage_size
+from transferlab.data import PreparedData, Splits, decode, prepare, storage_size
 from transferlab.schemas import ConfigError, DataConfig
 from transferlab.sources.registry import source_for
 from transferlab.validate import BadImage
@@ -92,6 +94,35 @@ class TensorStore:
 
         ``check`` returns what is wrong with a loaded entry (or None): shapes a reader relies on.
         """
+
+        def make(tmp: Path, header: dict[str, str]) -> None:
+            tensors, meta = compute()
+            problem = check(tensors, meta)
+            if problem is not None:  # a bug in the producer, not a cache problem: never store it
+                raise RuntimeError(f"refusing to cache a {self.kind} entry: {problem}")
+            try:
+                save_file(
+                    {k: v.contiguous() for k, v in tensors.items()},
+                    tmp,
+                    metadata={**header, "meta": json.dumps(meta)},
+                )
+            except OSError as exc:
+                raise _write_error(tmp, exc) from None
+
+        return self.get_or_make(key, make, check)
+
+    def get_or_make(
+        self,
+        key: Meta,
+        make: Callable[[Path, dict[str, str]], None],
+        check: Callable[[Tensors, Meta], str | None],
+    ) -> Lookup:
+        """Like :meth:`get_or_compute`, but ``make(tmp, header)`` writes the entry's file itself (a stream
+        that never holds the tensors in memory), with ``header`` and a ``meta`` JSON in its metadata.
+
+        The entry is read back memory-mapped either way: a hit and a miss return the same kind of tensors,
+        and the run's own memory does not hold them.
+        """
         path = self.path(key)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -114,17 +145,11 @@ class TensorStore:
                     return Lookup(tensors, meta, True, time.perf_counter() - start, path)
                 log.warning("%s cache entry %s is unusable (%s): rebuilding it", self.kind, path, problem)
                 path.unlink(missing_ok=True)
-            tensors, meta = compute()
-            problem = check(tensors, meta)
-            if problem is not None:  # a bug in the producer, not a cache problem: never store it
-                raise RuntimeError(f"refusing to cache a {self.kind} entry: {problem}")
-            self._write(path, key, tensors, meta)
-            del tensors  # read back memory-mapped: the run's own memory does not hold the entry
+            self._make(path, key, make)
             tensors, meta, problem = self._read(path, key, check)
             if problem is not None:
-                raise RuntimeError(
-                    f"{self.kind} cache entry {path} unreadable right after writing: {problem}"
-                )
+                path.unlink(missing_ok=True)
+                raise RuntimeError(f"refusing to keep a {self.kind} entry: {problem}")
             return Lookup(tensors, meta, False, time.perf_counter() - start, path)
         finally:
             lock.release()
@@ -147,24 +172,74 @@ class TensorStore:
         return tensors, meta, check(tensors, meta)
 
     @staticmethod
-    def _write(path: Path, key: Meta, tensors: Tensors, meta: Meta) -> None:
+    def _make(path: Path, key: Meta, make: Callable[[Path, dict[str, str]], None]) -> None:
+        """``make`` writes a temporary file; on disk (fsync) it gets its final name, else nothing stays."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        header = {
-            "format": str(CACHE_FORMAT),
-            "key": json.dumps(key, sort_keys=True),
-            "meta": json.dumps(meta),
-        }
+        header = {"format": str(CACHE_FORMAT), "key": json.dumps(key, sort_keys=True)}
         try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=header)
-            with open(tmp, "rb") as fh:  # on disk before it gets its final name
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
+            make(tmp, header)  # its writes raise CacheWriteError; a source's read errors pass as they are
+            try:
+                with open(tmp, "rb") as fh:  # on disk before it gets its final name
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise _write_error(path, exc) from None
+        finally:
             tmp.unlink(missing_ok=True)
-            raise _write_error(path, exc) from None
+
+
+# dtype names of the safetensors format, for the entries written here as a stream
+_ST_DTYPES = {torch.uint8: "U8", torch.int64: "I64", torch.float32: "F32"}
+
+
+def write_streamed(
+    path: Path, pixels: Path, channels: list[int], side: int, small: Tensors, metadata: dict[str, str]
+) -> None:
+    """A safetensors file of ``images`` (N, C, side, side) uint8 from a file of per-image bytes, and ``small``.
+
+    The images never sit in memory together: ``pixels`` holds each image's ``c x side x side`` bytes in
+    order (``channels``: each one's c); a grey image among RGB ones is replicated to 3 channels as it is
+    copied (channel-major bytes, so three copies of its one plane). The layout is the safetensors
+    format's own: an 8-byte little-endian header length, the JSON header, then the data.
+    """
+    width = max(channels)
+    if any(width % c for c in channels):
+        raise ValueError(f"images of {sorted(set(channels))} channels cannot share one tensor")
+    plane = side * side
+    header: dict[str, Any] = {
+        "__metadata__": metadata,
+        "images": {"dtype": "U8", "shape": [len(channels), width, side, side], "data_offsets": [0, 0]},
+    }
+    offset = len(channels) * width * plane
+    header["images"]["data_offsets"] = [0, offset]
+    blobs = []
+    for name, tensor in small.items():
+        blob = tensor.contiguous().numpy().tobytes()
+        header[name] = {
+            "dtype": _ST_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        offset += len(blob)
+        blobs.append(blob)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the format pads its header to 8 bytes with spaces
+    with open(path, "wb") as out, open(pixels, "rb") as src:
+        out.write(struct.pack("<Q", len(text)))
+        out.write(text)
+        if all(c == width for c in channels):
+            shutil.copyfileobj(src, out, 1 << 24)
+        else:
+            for c in channels:
+                chunk = src.read(c * plane)
+                out.write(chunk * (width // c))
+        for blob in blobs:
+            out.write(blob)
 
 
 def _write_error(path: Path, exc: OSError) -> CacheWriteError:
+    if path.name.startswith(".") and path.name.endswith(".tmp"):  # name the entry, not its temporary file
+        path = path.with_name(path.name[1:].rsplit(".", 2)[0])
     reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
     return CacheWriteError(
         "paths.cache_dir",
@@ -313,16 +388,51 @@ def _check_inputs(pre: Preprocess) -> Callable[[Tensors, Meta], str | None]:
     return check
 
 
+def _inputs_writer(
+    cfg: DataConfig, pre: Preprocess, data_dir: str, cache_dir: str, workers: int
+) -> Callable[[Path, dict[str, str]], None]:
+    """Decode straight into the entry: each stored image is appended to a pixel file as it comes, then the
+    entry is written from that file (:func:`write_streamed`), so memory does not grow with the dataset."""
+
+    def make(tmp: Path, header: dict[str, str]) -> None:
+        pixels = tmp.with_name(tmp.name + ".pixels")
+        channels: list[int] = []
+        try:
+            with open(pixels, "wb") as out:
+
+                def store(image: torch.Tensor) -> None:
+                    channels.append(image.shape[0])
+                    try:
+                        out.write(image.contiguous().numpy().tobytes())
+                    except OSError as exc:  # a full disk: one line, and nothing partial stays
+                        raise _write_error(tmp, exc) from None
+
+                data = decode(cfg, pre, data_dir, cache_dir, store, workers)
+            tensors, meta = _pack(data)
+            del tensors["images"]
+            try:
+                write_streamed(
+                    tmp, pixels, channels, storage_size(pre), tensors, {**header, "meta": json.dumps(meta)}
+                )
+            except OSError as exc:
+                raise _write_error(tmp, exc) from None
+        finally:
+            pixels.unlink(missing_ok=True)
+
+    return make
+
+
 def prepare_cached(
-    cfg: DataConfig, pre: Preprocess, data_dir: str, cache_dir: str, enabled: bool = True
+    cfg: DataConfig, pre: Preprocess, data_dir: str, cache_dir: str, enabled: bool = True, workers: int = 0
 ) -> tuple[PreparedData, Lookup | None]:
-    """:func:`transferlab.data.prepare`, decoded and resized once per source, selection and preprocessing."""
+    """:func:`transferlab.data.prepare`, decoded and resized once per source, selection and preprocessing,
+    straight into the store and read back memory-mapped; ``workers`` > 1 decodes in that many processes."""
     identity = source_identity(cfg, data_dir) if enabled else None
     if identity is None:
-        return prepare(cfg, pre, data_dir), None
-    lookup = TensorStore(cache_dir, "inputs").get_or_compute(
+        return prepare(cfg, pre, data_dir, workers=workers), None
+    lookup = TensorStore(cache_dir, "inputs").get_or_make(
         input_key(cfg, pre, identity),
-        lambda: _pack(prepare(cfg, pre, data_dir, cache_dir)),
+        _inputs_writer(cfg, pre, data_dir, cache_dir, workers),
         _check_inputs(pre),
     )
     t, meta = lookup.tensors, lookup.meta

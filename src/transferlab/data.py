@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+import multiprocessing
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +38,7 @@ __all__ = [
     "RawDataset",
     "Splits",
     "check_data",
+    "decode",
     "load_raw",
     "make_splits",
     "prepare",
@@ -159,8 +162,10 @@ def eval_crop(batch: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     return TF.center_crop(batch, [pre.crop, pre.crop])
 
 
-def prepare(cfg: DataConfig, pre: Preprocess, data_dir: str, cache_dir: str | None = None) -> PreparedData:
-    """Decode the images a run uses once, fingerprint them, and preprocess them for ``pre``."""
+def _selection(
+    cfg: DataConfig, data_dir: str, cache_dir: str | None
+) -> tuple[RawDataset, Splits, np.ndarray]:
+    """The source's images, the run's splits and the sorted indices of the images they use."""
     raw = load_raw(cfg, data_dir, cache_dir)
     if raw.skipped:
         first = raw.skipped[0]
@@ -171,24 +176,72 @@ def prepare(cfg: DataConfig, pre: Preprocess, data_dir: str, cache_dir: str | No
             first.problem,
         )
     splits = make_splits(raw, cfg)
-    used = np.sort(np.concatenate([splits.train, splits.val, splits.test]))
+    return raw, splits, np.sort(np.concatenate([splits.train, splits.val, splits.test]))
+
+
+# The source a decode worker reads: set before the pool forks, so the workers inherit it (a source's
+# ``read`` is a closure over its files, which need not pickle).
+_WORKER_SOURCE: tuple[RawDataset, Preprocess] | None = None
+
+
+def _decode_one(index: int) -> tuple[np.ndarray, np.ndarray]:
+    raw, pre = _WORKER_SOURCE  # type: ignore[misc]
+    array = raw.read(index)
+    return array, preprocess_image(array, pre).numpy()
+
+
+def _decoded(
+    raw: RawDataset, used: np.ndarray, pre: Preprocess, workers: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Each used image as decoded and as stored, in order; ``workers`` > 1 decodes in that many processes."""
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        for i in used:
+            array = raw.read(int(i))
+            yield array, preprocess_image(array, pre)
+        return
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = (raw, pre)
+    try:
+        with multiprocessing.get_context("fork").Pool(
+            workers, initializer=torch.set_num_threads, initargs=(1,)
+        ) as pool:
+            for array, stored in pool.imap(_decode_one, [int(i) for i in used], chunksize=8):
+                yield array, torch.from_numpy(stored)
+    finally:
+        _WORKER_SOURCE = None
+
+
+def decode(
+    cfg: DataConfig,
+    pre: Preprocess,
+    data_dir: str,
+    cache_dir: str | None,
+    store: Callable[[torch.Tensor], None],
+    workers: int = 0,
+) -> PreparedData:
+    """Decode the images a run uses once, hand each stored image to ``store`` as it comes, fingerprint
+    them all. The returned record has no images yet (``images`` is an empty tensor): the caller keeps them."""
+    raw, splits, used = _selection(cfg, data_dir, cache_dir)
     digest = hashlib.sha256()
-    processed = []  # preprocessed as they are decoded: full-size images are never all held at once
-    for i in used:
-        array = raw.read(int(i))
+    start = time.perf_counter()
+    for array, stored in _decoded(raw, used, pre, workers):
         digest.update(np.ascontiguousarray(array).tobytes())
-        processed.append(preprocess_image(array, pre))
+        store(stored)
+    seconds = time.perf_counter() - start
+    log.info(
+        "decoded %d images in %.1f s (%.0f images/s, %s)",
+        len(used),
+        seconds,
+        len(used) / seconds if seconds else 0.0,
+        f"{workers} worker processes" if workers > 1 else "in this process",
+    )
     digest.update(raw.labels[used].tobytes())
-    # A mixed folder: grey images become RGB (resize and crop act per channel, so the order is free).
-    channels = max(t.shape[0] for t in processed)
-    out = torch.stack([t.expand(channels, -1, -1) for t in processed])
-    # Re-index the splits into the compact tensor of used images.
     position = np.full(len(raw.labels), -1, dtype=np.int64)
     position[used] = np.arange(len(used))
     compact = Splits(position[splits.train], position[splits.val], position[splits.test])
     return PreparedData(
         raw.name,
-        out,
+        torch.empty(0, dtype=torch.uint8),
         torch.from_numpy(raw.labels[used]),
         raw.classes,
         compact,
@@ -197,6 +250,18 @@ def prepare(cfg: DataConfig, pre: Preprocess, data_dir: str, cache_dir: str | No
         raw.source,
         raw.skipped,
     )
+
+
+def prepare(
+    cfg: DataConfig, pre: Preprocess, data_dir: str, cache_dir: str | None = None, workers: int = 0
+) -> PreparedData:
+    """:func:`decode` into memory (``data.cache=false``, generated data): every stored image held at once."""
+    stored: list[torch.Tensor] = []
+    data = decode(cfg, pre, data_dir, cache_dir, stored.append, workers)
+    # A mixed folder: grey images become RGB (resize and crop act per channel, so the order is free).
+    channels = max(t.shape[0] for t in stored)
+    data.images = torch.stack([t.expand(channels, -1, -1) for t in stored])
+    return data
 
 
 # ---------------------------------------------------------------------------------------------

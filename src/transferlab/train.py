@@ -171,7 +171,12 @@ def load_data(cfg: TrainConfig, built: BuiltBackbone) -> tuple[PreparedData, Loo
     """Data preprocessed exactly as the backbone's weights expect (resize, crop, mean/std), decoded
     once per source and preprocessing, then read from paths.cache_dir; recorded as MLflow datasets."""
     data, inputs = prepare_cached(
-        cfg.data, built.preprocess, cfg.paths.data_dir, cfg.paths.cache_dir, cfg.data.cache
+        cfg.data,
+        built.preprocess,
+        cfg.paths.data_dir,
+        cfg.paths.cache_dir,
+        cfg.data.cache,
+        workers=cfg.trainer.num_workers,  # decoding a new source: that many processes
     )
     sizes = data.splits.sizes()
     train_counts = class_counts(data.labels[data.splits.train], data.num_classes)

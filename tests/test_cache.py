@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from transferlab import cache
+from transferlab import cache, inputs
 from transferlab.backbones import build_backbone
-from transferlab.cache import FeatureCache, TensorStore, prepare_cached
+from transferlab.cache import FeatureCache, TensorStore
 from transferlab.data import prepare
 from transferlab.engine import Runner
+from transferlab.inputs import prepare_cached
 from transferlab.schemas import to_typed
 
 from .conftest import TINY, runner_for_config, runs_in
@@ -265,7 +266,7 @@ def test_a_full_disk_while_decoding_into_the_store_keeps_nothing(
         Path(path).write_bytes(b"\x00" * 100)  # a partial entry, as a disk filling up leaves one
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache, "write_streamed", full)
+    monkeypatch.setattr(inputs, "write_streamed", full)
     with pytest.raises(cache.CacheWriteError, match="no space left on device") as info:
         prepare_cached(cfg.data, pre, "", str(tmp_path / "cache"))
     assert ".tmp" not in str(info.value) and ".pixels" not in str(info.value)  # it names the entry

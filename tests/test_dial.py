@@ -226,7 +226,7 @@ def _lrs(model: nn.Module, groups: list[dict]) -> dict[str, float]:
     for group in groups:
         for p in group["params"]:
             assert names[id(p)] not in out  # no tensor in two groups
-            out[names[id(p)]] = group["lr"] * group.get("lr_scale", 1.0)  # the lr a schedule applies
+            out[names[id(p)]] = group["lr"]  # its own lr (a schedule scales it from there)
     return out
 
 

@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "transferlab.augment": 1,
     # 2 engine: caches, the loop, checkpoints, tracking, sweeps, pre-flight of overrides.
     "transferlab.cache": 2,
+    "transferlab.inputs": 2,
     "transferlab.engine": 2,
     "transferlab.loop_state": 2,
     "transferlab.checkpoint": 2,

@@ -175,6 +175,24 @@ def test_the_stored_image_is_the_eval_resize_and_its_centre_the_eval_crop() -> N
     assert torch.equal(eval_crop(stored[None], pre)[0], old)
 
 
+@pytest.mark.parametrize(("height", "width"), [(375, 500), (500, 375), (301, 257)])
+def test_a_non_square_image_stores_a_square_whose_centre_is_the_eval_crop(height: int, width: int) -> None:
+    """A resize that leaves an odd margin (235 -> 224, timm's crop_pct 0.95): the square is placed so that
+    its centre crop is the eval transform's own, pixel for pixel (two centre crops in a row would not be)."""
+    from torchvision.transforms import v2
+
+    from transferlab.backbones import Preprocess
+
+    pre = Preprocess(resize=235, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
+    photo = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    stored = preprocess_image(photo, pre)
+    assert stored.shape == (3, 235, 235)
+    theirs = v2.Compose([v2.Resize(235, antialias=True), v2.CenterCrop(224)])(
+        torch.from_numpy(photo).permute(2, 0, 1)
+    )
+    assert torch.equal(eval_crop(stored[None], pre)[0], theirs)
+
+
 @pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-workers"])
 def test_augmentation_is_seeded_per_image_whatever_the_workers(workers: int) -> None:
     base, _ = _runner(STRONG, workers=0)

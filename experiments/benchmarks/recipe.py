@@ -20,8 +20,8 @@ import sys
 import torch
 
 from transferlab.backbones import build_backbone
-from transferlab.cache import prepare_cached
 from transferlab.engine import FitState, Runner
+from transferlab.inputs import prepare_cached
 from transferlab.modes import make_model, trainable_parameters
 from transferlab.schemas import (
     AugmentConfig,

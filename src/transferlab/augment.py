@@ -33,7 +33,7 @@ def build_train_transform(cfg: AugmentConfig, pre: Preprocess) -> Transform:
 
     Raises :class:`ConfigError` for a policy string timm cannot parse, so it is called before a run starts.
     """
-    try:
+    try:  # only the policy string is parsed here: the other keys were checked by the schema
         primary, secondary, final = transforms_imagenet_train(
             img_size=pre.crop,
             scale=tuple(cfg.scale),
@@ -57,10 +57,17 @@ def build_train_transform(cfg: AugmentConfig, pre: Preprocess) -> Transform:
             "use timm's string form, e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2 or v0",
         ) from None
     if cfg.crop == "center":  # the eval crop (the same pixels validation sees), then the flips
-        flips = [t for t in primary.transforms if not isinstance(t, transforms.RandomResizedCrop)]
-        flips = [t for t in flips if type(t).__name__ != "RandomResizedCropAndInterpolation"]
+        flips = [transforms.RandomHorizontalFlip(cfg.hflip)] if cfg.hflip > 0 else []
+        flips += [transforms.RandomVerticalFlip(cfg.vflip)] if cfg.vflip > 0 else []
         primary = transforms.Compose([transforms.CenterCrop(pre.crop), *flips])
     return transforms.Compose([primary, secondary, final])
+
+
+def check_policy(cfg: AugmentConfig) -> None:
+    """Bad input before anything is loaded: build the pipeline for a stand-in input size (the policy
+    string is all that can fail, and it does not depend on the backbone)."""
+    if cfg.per_image:
+        build_train_transform(cfg, Preprocess(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"))
 
 
 @contextmanager
@@ -74,7 +81,9 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        # The CPU generator only (torch.manual_seed would reseed the GPU's too, which dropout draws
+        # from there and fork_rng(devices=[]) would not put back).
+        torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:

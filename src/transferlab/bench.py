@@ -36,9 +36,9 @@ from torch import nn, optim
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferlab.backbones import build_backbone
-from transferlab.cache import prepare_cached
 from transferlab.data import PreparedData, eval_crop, normalize
 from transferlab.engine import select_device
+from transferlab.inputs import prepare_cached
 from transferlab.schemas import BackboneConfig, ElpvDataConfig
 
 BACKBONE = BackboneConfig(name="efficientnet_lite0", source="bundled", weights="imagenet")

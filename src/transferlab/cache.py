@@ -12,7 +12,9 @@ sweep jobs compute an entry once: the first computes, the others wait and then r
 that cannot be read, has another format or key, or has the wrong shapes is logged and rebuilt.
 
 Layout: ``<cache_dir>/features/<sha256>.safetensors`` and ``<cache_dir>/inputs/<sha256>.safetensors``
-(each with a ``.lock`` beside it). ``make clean-cache`` empties the default ``<repo>/.cache``.
+(each with a ``.lock`` beside it). ``make clean-cache`` empties the default ``<repo>/.cache``. Entries are
+read memory-mapped (safetensors maps the file): their pages are page cache, not the run's own memory.
+The feature cache lives here; the decoded inputs, written as a stream, in :mod:`transferlab.inputs`.
 """
 
 from __future__ import annotations
@@ -22,26 +24,21 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from transferlab.backbones import BuiltBackbone, Preprocess
-from transferlab.data import PreparedData, Splits, decode, prepare, storage_size
-from transferlab.schemas import ConfigError, DataConfig
-from transferlab.sources.registry import source_for
-from transferlab.validate import BadImage
+from transferlab.backbones import BuiltBackbone
+from transferlab.data import PreparedData
+from transferlab.schemas import ConfigError
 from transferlab.versions import package_versions
 
 log = logging.getLogger("transferlab.cache")
@@ -107,7 +104,7 @@ class TensorStore:
                     metadata={**header, "meta": json.dumps(meta)},
                 )
             except OSError as exc:
-                raise _write_error(tmp, exc) from None
+                raise write_error(tmp, exc) from None
 
         return self.get_or_make(key, make, check)
 
@@ -127,7 +124,7 @@ class TensorStore:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _write_error(self.dir, exc) from None
+            raise write_error(self.dir, exc) from None
         start = time.perf_counter()
         lock = FileLock(f"{path}.lock")
         try:
@@ -137,7 +134,7 @@ class TensorStore:
                 log.info("%s cache: another process is computing %s; waiting for it", self.kind, path.name)
                 lock.acquire()
         except OSError as exc:  # a read-only or vanished cache folder
-            raise _write_error(path, exc) from None
+            raise write_error(path, exc) from None
         try:
             if path.exists():
                 tensors, meta, problem = self._read(path, key, check)
@@ -183,61 +180,12 @@ class TensorStore:
                     os.fsync(fh.fileno())
                 os.replace(tmp, path)
             except OSError as exc:
-                raise _write_error(path, exc) from None
+                raise write_error(path, exc) from None
         finally:
             tmp.unlink(missing_ok=True)
 
 
-# dtype names of the safetensors format, for the entries written here as a stream
-_ST_DTYPES = {torch.uint8: "U8", torch.int64: "I64", torch.float32: "F32"}
-
-
-def write_streamed(
-    path: Path, pixels: Path, channels: list[int], side: int, small: Tensors, metadata: dict[str, str]
-) -> None:
-    """A safetensors file of ``images`` (N, C, side, side) uint8 from a file of per-image bytes, and ``small``.
-
-    The images never sit in memory together: ``pixels`` holds each image's ``c x side x side`` bytes in
-    order (``channels``: each one's c); a grey image among RGB ones is replicated to 3 channels as it is
-    copied (channel-major bytes, so three copies of its one plane). The layout is the safetensors
-    format's own: an 8-byte little-endian header length, the JSON header, then the data.
-    """
-    width = max(channels)
-    if any(width % c for c in channels):
-        raise ValueError(f"images of {sorted(set(channels))} channels cannot share one tensor")
-    plane = side * side
-    header: dict[str, Any] = {
-        "__metadata__": metadata,
-        "images": {"dtype": "U8", "shape": [len(channels), width, side, side], "data_offsets": [0, 0]},
-    }
-    offset = len(channels) * width * plane
-    header["images"]["data_offsets"] = [0, offset]
-    blobs = []
-    for name, tensor in small.items():
-        blob = tensor.contiguous().numpy().tobytes()
-        header[name] = {
-            "dtype": _ST_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + len(blob)],
-        }
-        offset += len(blob)
-        blobs.append(blob)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)  # the format pads its header to 8 bytes with spaces
-    with open(path, "wb") as out, open(pixels, "rb") as src:
-        out.write(struct.pack("<Q", len(text)))
-        out.write(text)
-        if all(c == width for c in channels):
-            shutil.copyfileobj(src, out, 1 << 24)
-        else:
-            for c in channels:
-                chunk = src.read(c * plane)
-                out.write(chunk * (width // c))
-        for blob in blobs:
-            out.write(blob)
-
-
-def _write_error(path: Path, exc: OSError) -> CacheWriteError:
+def write_error(path: Path, exc: OSError) -> CacheWriteError:
     if path.name.startswith(".") and path.name.endswith(".tmp"):  # name the entry, not its temporary file
         path = path.with_name(path.name[1:].rsplit(".", 2)[0])
     reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
@@ -322,133 +270,3 @@ def feature_key(backbone: nn.Module, built: BuiltBackbone, data: PreparedData, c
         },
         "compute": {**compute, **package_versions(("torch", "torchvision", "timm"))},
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoded inputs
-
-
-def source_identity(cfg: DataConfig, data_dir: str) -> Meta | None:
-    """What the decoded images come from, computed without decoding; None: not cacheable."""
-    return source_for(cfg).identity(cfg, data_dir)
-
-
-def input_key(cfg: DataConfig, pre: Preprocess, identity: Meta) -> Meta:
-    # Everything prepare() reads: the selection (limit, split fractions and seed), labelling, and
-    # preprocessing. Augmentation runs on the stored images later, so it is no part of the entry.
-    selection = {k: v for k, v in asdict(cfg).items() if k not in ("cache", "download")}
-    return {
-        "kind": "inputs",
-        "format": CACHE_FORMAT,
-        "source": identity,
-        "data": selection,
-        "preprocess": asdict(pre),
-        **package_versions(("torch", "torchvision", "pillow", "numpy", "scikit-learn")),
-    }
-
-
-def _pack(data: PreparedData) -> tuple[Tensors, Meta]:
-    tensors = {"images": data.images, "labels": data.labels}
-    tensors |= {f"split_{s}": torch.from_numpy(getattr(data.splits, s)) for s in ("train", "val", "test")}
-    meta = {
-        "name": data.name,
-        "classes": data.classes,
-        "fingerprint": data.fingerprint,
-        "source": data.source,
-        # data.on_bad_image=skip: a hit must still report (and log) what was left out.
-        "skipped": [{"path": b.path, "problem": b.problem} for b in data.skipped],
-    }
-    return tensors, meta
-
-
-def _check_inputs(pre: Preprocess) -> Callable[[Tensors, Meta], str | None]:
-    def check(tensors: Tensors, meta: Meta) -> str | None:
-        images, labels = tensors.get("images"), tensors.get("labels")
-        if (
-            images is None
-            or labels is None
-            or any(f"split_{s}" not in tensors for s in ("train", "val", "test"))
-        ):
-            return f"missing tensors (has {sorted(tensors)})"
-        side = storage_size(pre)
-        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[2:]) != (side, side):
-            return f"images {images.dtype} {tuple(images.shape)}, expected uint8 (N, C, {side}, {side})"
-        if labels.shape != (images.shape[0],) or (
-            len(labels) and int(labels.max()) >= len(meta.get("classes", []))
-        ):
-            return f"{tuple(labels.shape)} labels for {images.shape[0]} images and {len(meta.get('classes', []))} classes"
-        for s in ("train", "val", "test"):
-            idx = tensors[f"split_{s}"]
-            if idx.ndim != 1 or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= images.shape[0])):
-                return f"split {s} indexes outside the {images.shape[0]} images"
-        if not isinstance(meta.get("fingerprint"), str) or len(meta["fingerprint"]) != 64:
-            return "no dataset fingerprint"
-        return None
-
-    return check
-
-
-def _inputs_writer(
-    cfg: DataConfig, pre: Preprocess, data_dir: str, cache_dir: str, workers: int
-) -> Callable[[Path, dict[str, str]], None]:
-    """Decode straight into the entry: each stored image is appended to a pixel file as it comes, then the
-    entry is written from that file (:func:`write_streamed`), so memory does not grow with the dataset."""
-
-    def make(tmp: Path, header: dict[str, str]) -> None:
-        pixels = tmp.with_name(tmp.name + ".pixels")
-        channels: list[int] = []
-        try:
-            with open(pixels, "wb") as out:
-
-                def store(image: torch.Tensor) -> None:
-                    channels.append(image.shape[0])
-                    try:
-                        out.write(image.contiguous().numpy().tobytes())
-                    except OSError as exc:  # a full disk: one line, and nothing partial stays
-                        raise _write_error(tmp, exc) from None
-
-                data = decode(cfg, pre, data_dir, cache_dir, store, workers)
-            tensors, meta = _pack(data)
-            del tensors["images"]
-            try:
-                write_streamed(
-                    tmp, pixels, channels, storage_size(pre), tensors, {**header, "meta": json.dumps(meta)}
-                )
-            except OSError as exc:
-                raise _write_error(tmp, exc) from None
-        finally:
-            pixels.unlink(missing_ok=True)
-
-    return make
-
-
-def prepare_cached(
-    cfg: DataConfig, pre: Preprocess, data_dir: str, cache_dir: str, enabled: bool = True, workers: int = 0
-) -> tuple[PreparedData, Lookup | None]:
-    """:func:`transferlab.data.prepare`, decoded and resized once per source, selection and preprocessing,
-    straight into the store and read back memory-mapped; ``workers`` > 1 decodes in that many processes."""
-    identity = source_identity(cfg, data_dir) if enabled else None
-    if identity is None:
-        return prepare(cfg, pre, data_dir, workers=workers), None
-    lookup = TensorStore(cache_dir, "inputs").get_or_make(
-        input_key(cfg, pre, identity),
-        _inputs_writer(cfg, pre, data_dir, cache_dir, workers),
-        _check_inputs(pre),
-    )
-    t, meta = lookup.tensors, lookup.meta
-    splits = Splits(*(t[f"split_{s}"].numpy().astype(np.int64) for s in ("train", "val", "test")))
-    data = PreparedData(
-        meta["name"],
-        t["images"],
-        t["labels"],
-        list(meta["classes"]),
-        splits,
-        pre,
-        meta["fingerprint"],
-        meta["source"],
-        [BadImage(**b) for b in meta.get("skipped", [])],
-    )
-    log.info(
-        "input cache %s: %s (%.1f s)", "hit" if lookup.hit else "miss, stored", lookup.path, lookup.seconds
-    )
-    return data, lookup

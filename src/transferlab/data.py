@@ -13,7 +13,10 @@ Where the images come from is a source's business (:mod:`transferlab.sources`, o
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
+import itertools
 import logging
 import multiprocessing
 import time
@@ -145,16 +148,29 @@ def storage_size(pre: Preprocess) -> int:
     return max(pre.resize, pre.crop)
 
 
+def _square_offset(length: int, side: int, crop: int) -> int:
+    """Where the stored square starts along a side of ``length``: so that its centre crop is the crop the
+    eval transform takes from the whole image. torchvision rounds a centre crop's offset half to even,
+    so two centre crops in a row can land a pixel off one (235 -> 224 of a 500 x 375 photo does)."""
+    want = int(round((length - crop) / 2.0))  # the eval transform's offset in the resized image
+    inner = int(round((side - crop) / 2.0))  # eval_crop's offset in the square
+    return min(max(want - inner, 0), length - side)
+
+
 def preprocess_image(array: np.ndarray, pre: Preprocess) -> torch.Tensor:
-    """Resize the shorter side as the weights' eval transform does and keep the central square.
-    uint8 in, uint8 out; :func:`eval_crop` of it is the eval transform's output."""
+    """Resize the shorter side as the weights' eval transform does and keep a square of that side
+    around the centre. uint8 in, uint8 out; :func:`eval_crop` of it is the eval transform's output."""
     tensor = torch.tensor(array)  # a copy: source arrays may be read-only
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     tensor = TF.resize(
         tensor, [pre.resize], interpolation=InterpolationMode(pre.interpolation), antialias=True
     )
     side = storage_size(pre)
-    return TF.center_crop(tensor, [side, side])
+    height, width = tensor.shape[-2:]
+    if height < side or width < side:  # a crop larger than the resize: padded, as center_crop does
+        return TF.center_crop(tensor, [side, side])
+    top, left = (_square_offset(n, side, pre.crop) for n in (height, width))
+    return tensor[:, top : top + side, left : left + side].contiguous()
 
 
 def eval_crop(batch: torch.Tensor, pre: Preprocess) -> torch.Tensor:
@@ -201,11 +217,19 @@ def _decoded(
         return
     global _WORKER_SOURCE
     _WORKER_SOURCE = (raw, pre)
+    context = multiprocessing.get_context("fork")
     try:
-        with multiprocessing.get_context("fork").Pool(
-            workers, initializer=torch.set_num_threads, initargs=(1,)
-        ) as pool:
-            for array, stored in pool.imap(_decode_one, [int(i) for i in used], chunksize=8):
+        with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            # At most a few images per worker in flight: results never pile up in this process
+            # faster than they are hashed and stored (Pool.imap would queue all of them).
+            pending: collections.deque = collections.deque()
+            todo = iter(int(i) for i in used)
+            for index in itertools.islice(todo, 4 * workers):
+                pending.append(pool.apply_async(_decode_one, (index,)))
+            while pending:
+                array, stored = pending.popleft().get()
+                for index in itertools.islice(todo, 1):
+                    pending.append(pool.apply_async(_decode_one, (index,)))
                 yield array, torch.from_numpy(stored)
     finally:
         _WORKER_SOURCE = None
@@ -224,9 +248,10 @@ def decode(
     raw, splits, used = _selection(cfg, data_dir, cache_dir)
     digest = hashlib.sha256()
     start = time.perf_counter()
-    for array, stored in _decoded(raw, used, pre, workers):
-        digest.update(np.ascontiguousarray(array).tobytes())
-        store(stored)
+    with contextlib.closing(_decoded(raw, used, pre, workers)) as images:  # an error stops the workers
+        for array, stored in images:
+            digest.update(np.ascontiguousarray(array).tobytes())
+            store(stored)
     seconds = time.perf_counter() - start
     log.info(
         "decoded %d images in %.1f s (%.0f images/s, %s)",

@@ -4,7 +4,11 @@ Runs ``transferlab.train`` once per mode, exactly as a user would, then reads bo
 MLflow and prints the comparison. Budget: under 15 minutes on a 2-core CPU, at the weights' own
 224 px input. Feature extraction computes each image's features once, so 30 head epochs cost
 seconds; full fine-tuning backpropagates through the whole network (~11 images/s on 2 cores), so
-it gets 3 epochs. Extra arguments are passed to both runs (e.g. ``trainer.device=cuda``).
+it gets 3 epochs. Each mode runs with its own recipe (its config group defaults): feature extraction
+a constant lr on cached features, full fine-tuning the recipe every fine-tuning reference uses, a
+cosine decay per update after a half-epoch warmup and random-resized crops + flips of the stored
+image (``scheduler=cosine augment=standard``). Extra arguments are passed to both runs (e.g.
+``trainer.device=cuda``).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import mlflow
 from transferlab.schemas import repo_root
 
 EXPERIMENT = "demo_elpv_fe_vs_ft"
-MODES = {"feature_extract": 30, "full_finetune": 3}  # mode -> epochs
+MODES = {"feature_extract": 30, "full_finetune": 3}  # mode -> epochs (each with its mode's recipe)
 COLUMNS = [
     ("mode", "mode"),
+    ("recipe", "recipe"),
     ("epochs", "epochs"),
     ("test acc", "test_accuracy"),
     ("bal. acc", "test_balanced_accuracy"),
@@ -72,7 +77,15 @@ def main(extra: list[str]) -> int:
     rows = []
     for mode, epochs in MODES.items():
         run = runs[runs["tags.mode"] == mode].iloc[0]
-        rows.append({"mode": mode, "epochs": epochs, **{k: run[f"metrics.{k}"] for _, k in COLUMNS[2:]}})
+        recipe = f"{run['tags.choice.scheduler']} lr, augment={run['tags.choice.augment']}"
+        rows.append(
+            {
+                "mode": mode,
+                "recipe": recipe,
+                "epochs": epochs,
+                **{k: run[f"metrics.{k}"] for _, k in COLUMNS[3:]},
+            }
+        )
     device = runs["tags.device"].iloc[0]
     print(
         f"\nELPV (binary, stratified 75/25 split), EfficientNet-Lite0 (bundled ImageNet weights), 224 px, {device}\n"

@@ -117,8 +117,14 @@ class Runner:
         # A fresh fp16 grad scaler too: a stage never starts from the scale the one before it reached.
         self.precision = Precision.for_device(self.device, self.cfg.amp)
         self.trainable = freeze(self.model, stage)
-        # The average starts from the stage's starting weights (lp_ft's fine-tune: the probe's head).
-        self.ema = ModelEmaV3(self.model, decay=self.cfg.ema_decay) if self.cfg.ema_decay else None
+        # The average starts from the stage's starting weights (lp_ft's fine-tune: the probe's head) and
+        # covers what trains (a frozen backbone's copy would be averaged for nothing). timm's warmup
+        # ramps the decay (1 - (1 + step) ** -2/3, capped at ema_decay): a short fine-tune's average
+        # is then not dominated by the weights it started from.
+        target = self.model if self.trainable.trains_backbone else self.model.head
+        self.ema = (
+            ModelEmaV3(target, decay=self.cfg.ema_decay, use_warmup=True) if self.cfg.ema_decay else None
+        )
         return self.trainable
 
     @property
@@ -192,13 +198,17 @@ class Runner:
     def _logits(
         self, idx: torch.Tensor, inputs: torch.Tensor | None = None, train: bool = False
     ) -> torch.Tensor:
-        """Training: the live model (its compiled forward); evaluation: the EMA weights when kept."""
-        evaluated = self.ema.module if self.ema is not None and not train else None
+        """Training: the live model (its compiled forward); evaluation: the EMA weights when kept (the
+        whole model's, or with a frozen backbone the head's)."""
+        ema = self.ema.module if self.ema is not None and not train else None
+        frozen = not self._trainable().trains_backbone
         if self.features is not None:
-            head = evaluated.head if evaluated is not None else self.model.head
+            head = ema if ema is not None else self.model.head
             return head(self.features[idx.to(self.features.device)])
-        net = evaluated if evaluated is not None else self.net
-        return net(inputs if inputs is not None else self._inputs(idx))
+        x = inputs if inputs is not None else self._inputs(idx)
+        if ema is None:
+            return self.net(x)
+        return ema(self.model.backbone(x)) if frozen else ema(x)
 
     def train_epoch(
         self,
@@ -239,46 +249,49 @@ class Runner:
         )
         inputs = self._train_inputs(state, batches)
         contributed = False  # whether a batch of the open window had a finite loss
-        for b in bar:
-            idx = state.order[batches[b]]
-            window = len(batches[b - b % accumulate : b - b % accumulate + accumulate])
-            if b % accumulate == 0:
-                optimizer.zero_grad(set_to_none=True)
-            labels = self._to_device(self.data.labels[idx])
-            x, targets = next(inputs), labels
-            if mixup is not None:  # seeded per batch, like the images: a resumed epoch mixes the same
-                with seeded(int(state.seeds[batches[b][0]]) + 1):
-                    x, targets = mixup(x if x is not None else self._inputs(idx), labels)
-            with self.precision.autocast():
-                logits = self._logits(idx, x, train=True)
-                loss = loss_fn(logits.float(), targets)
-            value = loss.item()
-            if not math.isfinite(value):
-                if self.cfg.on_nan == "error":
-                    raise NonFiniteLossError(
-                        f"training loss is {value} at epoch {state.epoch} step {state.step} "
-                        f"(global step {state.global_step}). Fix: lower optimizer.lr, check the data, "
-                        "or pass trainer.on_nan=skip to drop such batches"
-                    )
-                totals["skipped"] += 1  # trainer.on_nan=skip: no gradient from this batch
-            else:
-                scaled = loss / window  # the window's gradient is the mean over its batches
-                if self.precision.scaler is not None:
-                    self.precision.scaler.scale(scaled).backward()
+        try:
+            for b in bar:
+                idx = state.order[batches[b]]
+                window = len(batches[b - b % accumulate : b - b % accumulate + accumulate])
+                if b % accumulate == 0:
+                    optimizer.zero_grad(set_to_none=True)
+                labels = self._to_device(self.data.labels[idx])
+                x, targets = next(inputs), labels
+                if mixup is not None:  # seeded per batch, like the images: a resumed epoch mixes the same
+                    with seeded(int(state.seeds[batches[b][0]]) + 1):
+                        x, targets = mixup(x, labels)  # augmenting: never on frozen features
+                with self.precision.autocast():
+                    logits = self._logits(idx, x, train=True)
+                    loss = loss_fn(logits.float(), targets)
+                value = loss.item()
+                if not math.isfinite(value):
+                    if self.cfg.on_nan == "error":
+                        raise NonFiniteLossError(
+                            f"training loss is {value} at epoch {state.epoch} step {state.step} "
+                            f"(global step {state.global_step}). Fix: lower optimizer.lr, check the data, "
+                            "or pass trainer.on_nan=skip to drop such batches"
+                        )
+                    totals["skipped"] += 1  # trainer.on_nan=skip: no gradient from this batch
                 else:
-                    scaled.backward()
-                contributed = True
-                totals["loss"] += value * len(idx)
-                totals["correct"] += (logits.argmax(1) == labels).sum().item()
-                totals["seen"] += len(idx)
-                bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.4f}", refresh=False)
-            state.step += 1
-            state.global_step += 1
-            if state.step % accumulate == 0 or state.step == len(batches):  # the window is complete
-                self._update(optimizer, scheduler, state, contributed)
-                contributed = False
-                if should_stop():  # a signal arrived: the update is done, the caller saves and exits
-                    raise StopRequested(state)
+                    scaled = loss / window  # the window's gradient is the mean over its batches
+                    if self.precision.scaler is not None:
+                        self.precision.scaler.scale(scaled).backward()
+                    else:
+                        scaled.backward()
+                    contributed = True
+                    totals["loss"] += value * len(idx)
+                    totals["correct"] += (logits.argmax(1) == labels).sum().item()
+                    totals["seen"] += len(idx)
+                    bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.4f}", refresh=False)
+                state.step += 1
+                state.global_step += 1
+                if state.step % accumulate == 0 or state.step == len(batches):  # the window is complete
+                    self._update(optimizer, scheduler, state, contributed)
+                    contributed = False
+                    if should_stop():  # a signal arrived: the update is done, the caller saves and exits
+                        raise StopRequested(state)
+        finally:
+            inputs.close()  # an error or a stop mid-epoch: a DataLoader's workers end now
         seconds = time.perf_counter() - start
         seen = totals["seen"]
         return {
@@ -407,8 +420,9 @@ class Runner:
 
     def _kept(self) -> nn.Module:
         """What a best epoch keeps: the evaluated weights (EMA when on), whole or (frozen backbone) the head."""
-        module = self.ema.module if self.ema is not None else self.model
-        return module if self._trainable().trains_backbone else module.head
+        if self.ema is not None:
+            return self.ema.module  # already whole or the head (enter())
+        return self.model if self._trainable().trains_backbone else self.model.head
 
     def load_best(self, result: FitResult) -> None:
         """The best epoch's weights into the model, which is tested from here (the EMA's work is done)."""

@@ -1,8 +1,8 @@
 """Parameter groups: discriminative learning rates for the head, the backbone and its layers.
 
 The optimizer (``cfg.optimizer``, a ``_partial_`` leaf) is called with a list of groups instead of
-a flat parameter list. Each group carries ``lr`` = the stage's lr and ``lr_scale``, its ratio to the
-head, which timm's schedulers apply (``lr = schedule x lr_scale``, :mod:`transferlab.schedule`: the
+a flat parameter list. Each group carries its ``lr``, ``lr_scale`` (its ratio to the head) and
+``initial_lr`` (the stage's lr), which timm's schedulers scale (``lr = schedule x lr_scale``, :mod:`transferlab.schedule`: the
 ratios hold through warmup and decay), a ``weight_decay`` where it differs from the optimizer's, and a
 ``name`` that torch keeps in ``optimizer.param_groups`` for the log. Ratios:
 
@@ -77,13 +77,13 @@ def _backbone_layer_groups(backbone: nn.Module, weight_decay: float, layer_decay
 def param_groups(model: TransferModel, stage: Stage, weight_decay: float) -> list[ParamGroup]:
     """The trainable parameters of ``model`` in this stage, grouped by learning-rate ratio."""
     head = [p for p in model.head.parameters() if p.requires_grad]
-    groups: list[ParamGroup] = [{"name": "head", "params": head, "lr": stage.lr, "lr_scale": 1.0}]
+    groups: list[ParamGroup] = [_group("head", head, stage.lr, 1.0)]
     trainable = [p for p in model.backbone.parameters() if p.requires_grad]
     if not trainable:
         return groups
     base = stage.backbone_lr_scale
     if stage.layer_decay is None:
-        return [*groups, {"name": "backbone", "params": trainable, "lr": stage.lr, "lr_scale": base}]
+        return [*groups, _group("backbone", trainable, stage.lr, base)]
     param_name = {id(p): n for n, p in model.backbone.named_parameters()}
     exempt = _no_weight_decay(model.backbone)
     for group in _backbone_layer_groups(model.backbone, weight_decay, stage.layer_decay):
@@ -92,8 +92,14 @@ def param_groups(model: TransferModel, stage: Stage, weight_decay: float) -> lis
         decay = "no_decay" if first.ndim <= 1 or param_name[id(first)] in exempt else "decay"
         label = _layer_label(param_name[id(first)])
         name = f"backbone.{label}.{decay}"
-        groups.append({**group, "lr": stage.lr, "lr_scale": base * scale, "name": name})
+        groups.append({**group, **_group(name, group["params"], stage.lr, base * scale)})
     return groups
+
+
+def _group(name: str, params: list, lr: float, scale: float) -> ParamGroup:
+    """A group at its own lr (``lr x scale``, right without a schedule too), with the stage's lr as
+    ``initial_lr`` and ``scale`` as ``lr_scale``: what timm's schedulers scale (they keep an initial_lr)."""
+    return {"name": name, "params": params, "lr": lr * scale, "initial_lr": lr, "lr_scale": scale}
 
 
 def _layer_label(param_name: str) -> str:
@@ -108,8 +114,8 @@ def describe(model: TransferModel, groups: list[ParamGroup]) -> list[dict[str, A
     return [
         {
             "name": g["name"],
-            # The stage's lr x the group's ratio: the peak a schedule reaches (its initial_lr once built).
-            "lr": g.get("initial_lr", g["lr"]) * g.get("lr_scale", 1.0),
+            # The stage's lr x the group's ratio: the peak a schedule reaches.
+            "lr": g["initial_lr"] * g["lr_scale"] if "initial_lr" in g else g["lr"],
             "lr_scale": g.get("lr_scale", 1.0),
             "weight_decay": g.get("weight_decay", "optimizer default"),
             "num_params": sum(p.numel() for p in g["params"]),

@@ -35,7 +35,9 @@ def build_scheduler(
     group's lr to its value at update 0.
     """
     total = epochs * updates_per_epoch
-    warmup = warmup_updates(cfg, updates_per_epoch)
+    # The schema checked warmup < the stage in epochs; in whole updates it may round up to all of it
+    # (one update per epoch): keep at least one update of decay, as timm needs.
+    warmup = min(warmup_updates(cfg, updates_per_epoch), total - 1)
     extra: dict[str, Any] = {}
     if isinstance(cfg, StepSchedulerConfig):
         extra = {"decay_epochs": cfg.decay_epochs * updates_per_epoch, "decay_rate": cfg.decay_rate}

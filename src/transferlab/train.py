@@ -33,12 +33,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from transferlab import sweep, tracking
-from transferlab.augment import build_train_transform
+from transferlab.augment import check_policy
 from transferlab.backbones import BuiltBackbone, build_backbone, check_backbone_name, find_classifier
-from transferlab.cache import FeatureCache, Lookup, prepare_cached
+from transferlab.cache import FeatureCache, Lookup
 from transferlab.checkpoint import Checkpoint, StopSignal, resume_hint, set_deterministic, stop_signals
 from transferlab.data import PreparedData, check_data, class_counts
 from transferlab.engine import FitResult, Runner, StopRequested
+from transferlab.inputs import prepare_cached
 from transferlab.modes import check_stages, count_parameters, make_model
 from transferlab.optim import describe, param_groups
 from transferlab.preflight import check_overrides
@@ -140,11 +141,10 @@ def seed_everything(seed: int) -> None:
 
 def build_checked_backbone(cfg: TrainConfig) -> BuiltBackbone:
     """Weights before the run starts: a backbone that cannot be had here is bad input, not a failed run."""
+    check_policy(cfg.augment)  # an auto_augment string timm cannot parse, before any weights load
     built = build_backbone(cfg.backbone)
     find_classifier(built.model)  # a network whose head no mode can replace: bad input, no run
     check_stages(cfg.mode, built.model, cfg.backbone.name)  # mode=partial: enough stages to train
-    if cfg.augment.per_image:  # a policy string timm cannot parse is bad input too
-        build_train_transform(cfg.augment, built.preprocess)
     return built
 
 

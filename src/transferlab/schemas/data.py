@@ -128,10 +128,35 @@ class SyntheticDataConfig(DataConfig):
             )
 
 
+@dataclass
+class HfDataConfig(DataConfig):
+    """A Hugging Face ``datasets`` dataset (the optional extra ``transferlab[hf]``)."""
+
+    name: str = "hf"
+    # A hub name (``user/dataset``, read from the HF cache offline) or a local ``save_to_disk`` folder.
+    path: str = MISSING
+    # One split (``train``, ``train[:50%]``): split here like any other source; null: the dataset's
+    # own splits (train / validation / test; val is carved from train when it has none).
+    split: str | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _named("data.name", self.name, "hf")
+        if not self.path:
+            raise ConfigError(
+                "data.path",
+                "is required for data=hf",
+                "pass a hub name or a save_to_disk folder, e.g. data.path=beans",
+            )
+
+
 # Registered in Hydra's ConfigStore as data/<name>_schema; conf/data/<option>.yaml extends one.
 DATA_SCHEMAS: dict[str, type[DataConfig]] = {
     "elpv": ElpvDataConfig,
     "imagefolder": ImageFolderDataConfig,
     "torchvision": TorchvisionDataConfig,
     "synthetic": SyntheticDataConfig,
+    "hf": HfDataConfig,
 }

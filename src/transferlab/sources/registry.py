@@ -9,12 +9,12 @@ names it in Hydra's ConfigStore), one module in this package providing ``SCHEMA`
 from __future__ import annotations
 
 from transferlab.schemas import ConfigError, DataConfig
-from transferlab.sources import elpv, imagefolder, synthetic
+from transferlab.sources import elpv, hf, imagefolder, synthetic
 from transferlab.sources import torchvision as torchvision_sets
 from transferlab.sources.base import Source
 
 SOURCES: dict[type[DataConfig], Source] = {
-    module.SCHEMA: module.SOURCE for module in (elpv, imagefolder, torchvision_sets, synthetic)
+    module.SCHEMA: module.SOURCE for module in (elpv, imagefolder, torchvision_sets, synthetic, hf)
 }
 
 
@@ -26,5 +26,5 @@ def source_for(cfg: DataConfig) -> Source:
     raise ConfigError(
         "data",
         f"no loader for {type(cfg).__name__}",
-        "choose data=elpv, imagefolder, synthetic or a torchvision set",
+        "choose data=elpv, imagefolder, hf, synthetic or a torchvision set",
     )

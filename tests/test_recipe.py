@@ -368,3 +368,19 @@ def test_each_lp_ft_stage_warms_up_and_decays_on_its_own(run_cli, tmp_path: Path
     # its own half-way (at its own lr, 1e-4), then its end.
     assert lrs[1] == lrs[3] == 0.0
     assert 0 < lrs[0] <= 1e-3 and 0 < lrs[2] <= 1e-4 and lrs[2] != lrs[0]
+
+
+def test_randaugment_at_full_magnitude_survives_current_pillow() -> None:
+    """rand-m10-inc1 posterizes to 0 bits, which Pillow >= 12 refuses: transferlab keeps timm's old meaning."""
+    from PIL import Image
+
+    from transferlab.augment import build_train_transform, seeded
+    from transferlab.backbones import Preprocess
+
+    pre = Preprocess(resize=36, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
+    cfg = AugmentConfig(name="x", auto_augment="rand-m10-n4-inc1")  # 4 ops, always at magnitude 10
+    transform = build_train_transform(cfg, pre)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (36, 36, 3), dtype=np.uint8))
+    for seed in range(200):  # posterize is one of 15 ops: drawn in most of these
+        with seeded(seed):
+            assert transform(image).shape == (3, 32, 32)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import Mixup
+from timm.data import Mixup, auto_augment
 from timm.data.transforms_factory import transforms_imagenet_train
 from torchvision import transforms
 
@@ -26,6 +26,23 @@ from transferlab.backbones import Preprocess
 from transferlab.schemas import AugmentConfig, ConfigError
 
 Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: object) -> Image.Image:
+    """timm's posterize, with 0 bits kept meaning a black image, as it did before Pillow 12.
+
+    RandAugment's ``inc1`` policies map magnitude 10 (m9 + magnitude noise reaches it) to 0 bits;
+    Pillow >= 12 refuses 0 (``bits must be between or equal to 1 and 8``) and the run would crash
+    in a DataLoader worker mid-epoch. timm 1.0.31 passes it through unchanged.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+# timm looks its ops up in this table when it builds a policy: every posterize variant goes through the above.
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    auto_augment.NAME_TO_OP[_name] = _posterize
 
 
 def build_train_transform(cfg: AugmentConfig, pre: Preprocess) -> Transform:

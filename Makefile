@@ -45,8 +45,10 @@ ui: $(STAMP) ## serve the MLflow UI for the local store on 127.0.0.1:$(UI_PORT)
 report: $(STAMP) ## aggregate a sweep from MLflow: make report EXPERIMENT=elpv_fe_vs_ft (or PARENT=<parent run id>)
 	$(BIN)/python -m transferlab.report $(if $(PARENT),--parent-run $(PARENT),--experiment $(or $(EXPERIMENT),elpv_fe_vs_ft))
 
-bench: $(STAMP) ## transferlab vs the seed article's loop, side by side (ELPV data.limit=160; BENCH_ARGS=--full)
+bench: $(STAMP) ## the benchmarks: vs the seed article's loop (BENCH_ARGS=--full), the recipe's cost, the data path (~25 min)
 	$(BIN)/python -m transferlab.bench $(BENCH_ARGS)
+	$(BIN)/python experiments/benchmarks/recipe.py
+	$(BIN)/python experiments/benchmarks/data_path.py
 
 gpu-check: $(STAMP) ## on a GPU machine: fast-path throughput, appended to experiments/benchmarks/README.md
 	$(BIN)/python experiments/benchmarks/gpu_check.py $(GPU_ARGS)

@@ -53,8 +53,8 @@ def make_folder(root: Path, n: int, seed: int = 0) -> Path:
 
 
 def link_subset(source: Path, target: Path, n: int) -> Path:
-    """The first n images of ``source`` as hard links (no second copy on disk)."""
-    files = sorted(source.rglob("*.jpg"))[:n]
+    """The first n/2 images of each class of ``source`` as hard links (no second copy on disk)."""
+    files = [f for c in ("a", "b") for f in sorted((source / c).glob("*.jpg"))[: n // 2]]
     for f in files:
         dest = target / f.parent.name / f.name
         dest.parent.mkdir(parents=True, exist_ok=True)

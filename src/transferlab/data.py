@@ -69,7 +69,8 @@ class PreparedData:
     classes: list[str]
     splits: Splits
     preprocess: Preprocess
-    fingerprint: str  # sha256 of decoded pixels + labels of the images used
+    # sha256 over each used image's sha256 (of its decoded pixels), in order, then their labels.
+    fingerprint: str
     source: str
     skipped: list[validate.BadImage] = field(default_factory=list)  # left out as unreadable
 
@@ -200,37 +201,50 @@ def _selection(
 _WORKER_SOURCE: tuple[RawDataset, Preprocess] | None = None
 
 
-def _decode_one(index: int) -> tuple[np.ndarray, np.ndarray]:
+CHUNK = 32  # images per decode task: enough work per round trip that the pool's overhead vanishes
+
+
+def image_digest(array: np.ndarray) -> bytes:
+    """sha256 of one decoded image's pixels: the dataset fingerprint hashes these in order (so the
+    decode workers can hash what they decode, and nothing full-size travels back)."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).digest()
+
+
+def _decode_chunk(indices: list[int]) -> list[tuple[bytes, np.ndarray]]:
     raw, pre = _WORKER_SOURCE  # type: ignore[misc]
-    array = raw.read(index)
-    return array, preprocess_image(array, pre).numpy()
+    out = []
+    for index in indices:
+        array = raw.read(index)
+        out.append((image_digest(array), preprocess_image(array, pre).numpy()))
+    return out
 
 
 def _decoded(
     raw: RawDataset, used: np.ndarray, pre: Preprocess, workers: int
-) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Each used image as decoded and as stored, in order; ``workers`` > 1 decodes in that many processes."""
+) -> Iterator[tuple[bytes, torch.Tensor]]:
+    """Each used image's digest and stored form, in order; ``workers`` > 1 decodes in that many processes."""
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         for i in used:
             array = raw.read(int(i))
-            yield array, preprocess_image(array, pre)
+            yield image_digest(array), preprocess_image(array, pre)
         return
     global _WORKER_SOURCE
     _WORKER_SOURCE = (raw, pre)
     context = multiprocessing.get_context("fork")
+    chunks = (used[i : i + CHUNK].tolist() for i in range(0, len(used), CHUNK))
     try:
         with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            # At most a few images per worker in flight: results never pile up in this process
-            # faster than they are hashed and stored (Pool.imap would queue all of them).
+            # Two chunks per worker in flight: results never pile up in this process faster than
+            # they are stored (Pool.imap would queue all of them).
             pending: collections.deque = collections.deque()
-            todo = iter(int(i) for i in used)
-            for index in itertools.islice(todo, 4 * workers):
-                pending.append(pool.apply_async(_decode_one, (index,)))
+            for chunk in itertools.islice(chunks, 2 * workers):
+                pending.append(pool.apply_async(_decode_chunk, (chunk,)))
             while pending:
-                array, stored = pending.popleft().get()
-                for index in itertools.islice(todo, 1):
-                    pending.append(pool.apply_async(_decode_one, (index,)))
-                yield array, torch.from_numpy(stored)
+                done = pending.popleft().get()
+                for chunk in itertools.islice(chunks, 1):
+                    pending.append(pool.apply_async(_decode_chunk, (chunk,)))
+                for digest, stored in done:
+                    yield digest, torch.from_numpy(stored)
     finally:
         _WORKER_SOURCE = None
 
@@ -249,8 +263,8 @@ def decode(
     digest = hashlib.sha256()
     start = time.perf_counter()
     with contextlib.closing(_decoded(raw, used, pre, workers)) as images:  # an error stops the workers
-        for array, stored in images:
-            digest.update(np.ascontiguousarray(array).tobytes())
+        for image_sha256, stored in images:
+            digest.update(image_sha256)
             store(stored)
     seconds = time.perf_counter() - start
     log.info(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import multiprocessing
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -235,7 +236,7 @@ def test_decoded_inputs_are_cached_per_source_and_preprocessing(compose_cfg, tmp
 
 
 def test_the_streamed_store_equals_decoding_in_memory_with_mixed_channels_and_workers(
-    compose_cfg, tmp_path: Path
+    compose_cfg, tmp_path: Path, caplog
 ) -> None:
     """Written image by image (grey ones replicated to RGB as they are copied), decoded in 1 or 2
     processes: the entry reads back as the same tensors and fingerprint as decoding into memory."""
@@ -247,8 +248,12 @@ def test_the_streamed_store_equals_decoding_in_memory_with_mixed_channels_and_wo
     pre = build_backbone(cfg.backbone).preprocess
     plain = prepare(cfg.data, pre, "")
     assert plain.images.shape[1] == 3
+    caplog.set_level(logging.INFO, logger="transferlab.data")
     for workers in (0, 2):
+        caplog.clear()
         data, lookup = prepare_cached(cfg.data, pre, "", str(tmp_path / f"cache-{workers}"), workers=workers)
+        how = "2 worker processes" if workers and threading.active_count() == 1 else "in this process"
+        assert f"images/s, {how})" in caplog.text
         assert not lookup.hit
         assert torch.equal(data.images, plain.images) and torch.equal(data.labels, plain.labels)
         assert data.fingerprint == plain.fingerprint

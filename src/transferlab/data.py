@@ -19,6 +19,8 @@ import hashlib
 import itertools
 import logging
 import multiprocessing
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -210,6 +212,14 @@ def image_digest(array: np.ndarray) -> bytes:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).digest()
 
 
+def worker_setup(*_: object) -> None:
+    """In a forked worker (decode pool, DataLoader): one torch thread, and the parent's stop handlers
+    undone, so a Ctrl-C reaches the run once and a terminate() ends the worker."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _decode_chunk(indices: list[int]) -> list[tuple[bytes, np.ndarray]]:
     raw, pre = _WORKER_SOURCE  # type: ignore[misc]
     out = []
@@ -223,6 +233,11 @@ def _decoded(
     raw: RawDataset, used: np.ndarray, pre: Preprocess, workers: int
 ) -> Iterator[tuple[bytes, torch.Tensor]]:
     """Each used image's digest and stored form, in order; ``workers`` > 1 decodes in that many processes."""
+    if workers > 1 and threading.active_count() > 1:
+        # Forking a process that runs other threads can hand a child a lock one of them held (it
+        # then never starts, and never exits): decode here instead.
+        log.info("decoding in this process: other threads are running (%d)", threading.active_count())
+        workers = 0
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         for i in used:
             array = raw.read(int(i))
@@ -233,7 +248,7 @@ def _decoded(
     context = multiprocessing.get_context("fork")
     chunks = (used[i : i + CHUNK].tolist() for i in range(0, len(used), CHUNK))
     try:
-        with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with context.Pool(workers, initializer=worker_setup) as pool:
             # Two chunks per worker in flight: results never pile up in this process faster than
             # they are stored (Pool.imap would queue all of them).
             pending: collections.deque = collections.deque()

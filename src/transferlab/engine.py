@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transferlab.augment import AugmentedImages, build_mixup, build_train_transform, seeded
 from transferlab.backbones import TransferModel
 from transferlab.cache import FeatureCache
-from transferlab.data import PreparedData, eval_crop, normalize
+from transferlab.data import PreparedData, eval_crop, normalize, worker_setup
 from transferlab.loop_state import (  # re-exported: the engine's public names
     FitResult,
     FitState,
@@ -174,6 +174,7 @@ class Runner:
             # Its own generator: the DataLoader draws a base seed per iterator, which must not move
             # the global stream (dropout) by one draw more in a resumed epoch. Images have their seeds.
             generator=torch.Generator().manual_seed(0),
+            worker_init_fn=worker_setup,
         )
         for batch in loader:
             yield self._to_device(batch).contiguous(memory_format=self.memory_format)

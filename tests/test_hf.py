@@ -61,6 +61,10 @@ def test_bad_columns_and_a_hub_name_offline_are_one_line(tmp_path: Path, monkeyp
     # No network and no cached copy: datasets reads its offline switch at import, so set both.
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-hf-cache")
     with pytest.raises(ConfigError, match=r"data.path: cannot load 'someone/no-such-set' \(offline") as info:
         check_data(HfDataConfig(path="someone/no-such-set"))

@@ -229,16 +229,28 @@ def _decode_chunk(indices: list[int]) -> list[tuple[bytes, np.ndarray]]:
     return out
 
 
+def decode_workers(asked: int) -> int:
+    """How many decode processes to fork: ``asked``, or 0 where forking is unsafe or unavailable.
+
+    Forking a process that runs other threads can hand a child a lock one of them held (the child
+    then never starts, and never exits): with other threads running, decoding stays in this process.
+    """
+    if asked <= 1:
+        return 0
+    if "fork" not in multiprocessing.get_all_start_methods():
+        log.info("decoding in this process: no fork on this platform")
+        return 0
+    if threading.active_count() > 1:
+        log.info("decoding in this process: other threads are running (%d)", threading.active_count())
+        return 0
+    return asked
+
+
 def _decoded(
     raw: RawDataset, used: np.ndarray, pre: Preprocess, workers: int
 ) -> Iterator[tuple[bytes, torch.Tensor]]:
     """Each used image's digest and stored form, in order; ``workers`` > 1 decodes in that many processes."""
-    if workers > 1 and threading.active_count() > 1:
-        # Forking a process that runs other threads can hand a child a lock one of them held (it
-        # then never starts, and never exits): decode here instead.
-        log.info("decoding in this process: other threads are running (%d)", threading.active_count())
-        workers = 0
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers <= 1:
         for i in used:
             array = raw.read(int(i))
             yield image_digest(array), preprocess_image(array, pre)
@@ -275,6 +287,7 @@ def decode(
     """Decode the images a run uses once, hand each stored image to ``store`` as it comes, fingerprint
     them all. The returned record has no images yet (``images`` is an empty tensor): the caller keeps them."""
     raw, splits, used = _selection(cfg, data_dir, cache_dir)
+    workers = decode_workers(workers)
     digest = hashlib.sha256()
     start = time.perf_counter()
     with contextlib.closing(_decoded(raw, used, pre, workers)) as images:  # an error stops the workers

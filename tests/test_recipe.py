@@ -341,6 +341,7 @@ FAST = ["data=synthetic", "backbone=timm", "backbone.name=test_efficientnet", "b
         (["augment.scale=[0.5]"], "augment.scale"),
         (["augment.crop=random"], "augment.crop"),
         (["augment.auto_augment=bogus-m9"], "augment.auto_augment"),
+        (["augment.auto_augment=original-mstd0.5x"], "augment.auto_augment"),  # parsed by timm itself
         (["augment.auto_augment=rand-m9-mstd0.5", "augment.hflip=2"], "augment.hflip"),
         (["augment.mixup_alpha=0.8", "trainer.batch_size=5"], "trainer.batch_size"),
         (["data.augment=true"], "data.augment"),

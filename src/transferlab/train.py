@@ -125,9 +125,10 @@ def train(
 
 # -- the steps of train(), in the order it takes them ---------------------------------------------
 def preflight(cfg: TrainConfig) -> str:
-    """The checks that read nothing heavy, so bad input fails in seconds and logs no run: the tracking
-    server, then the backbone's name. (Settings were checked by the schemas; the weights and the data
+    """The checks that read nothing heavy, so bad input fails in seconds and logs no run: the
+    augmentation policy, the tracking server, then the backbone's name. (Settings were checked by the schemas; the weights and the data
     follow, in that order: an image folder's check decodes every file, so it comes last.)"""
+    check_policy(cfg.augment)  # an auto_augment string timm cannot parse: no store touched yet
     experiment_id = tracking.setup_experiment(cfg.mlflow)
     check_backbone_name(cfg.backbone)
     return experiment_id
@@ -141,7 +142,6 @@ def seed_everything(seed: int) -> None:
 
 def build_checked_backbone(cfg: TrainConfig) -> BuiltBackbone:
     """Weights before the run starts: a backbone that cannot be had here is bad input, not a failed run."""
-    check_policy(cfg.augment)  # an auto_augment string timm cannot parse, before any weights load
     built = build_backbone(cfg.backbone)
     find_classifier(built.model)  # a network whose head no mode can replace: bad input, no run
     check_stages(cfg.mode, built.model, cfg.backbone.name)  # mode=partial: enough stages to train

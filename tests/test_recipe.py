@@ -385,3 +385,26 @@ def test_randaugment_at_full_magnitude_survives_current_pillow() -> None:
     for seed in range(200):  # posterize is one of 15 ops: drawn in most of these
         with seeded(seed):
             assert transform(image).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "augment", [None, AugmentConfig(name="flip", hflip=0.5)], ids=["cached-features", "live"]
+)
+def test_ema_of_a_frozen_backbone_averages_the_head(augment) -> None:  # noqa: ANN001
+    """feature_extract with EMA: the average covers the head alone (on cached features or live), and is what is kept."""
+    from transferlab.schemas import ModeConfig
+
+    built, data = _data()
+    torch.manual_seed(0)
+    model = make_model(built.model, data.num_classes)
+    stage = ModeConfig(name="feature_extract", lr=1e-2).stages(1, 1e-2)[-1]
+    cfg = TrainerConfig(batch_size=4, progress=False, ema_decay=0.9, feature_cache=False)
+    runner = make_runner(model, data, cfg, 7, augment, stage)
+    assert runner.ema is not None and set(runner.ema.module.state_dict()) == set(model.head.state_dict())
+    fit, _ = _fit(runner, model, epochs=2)
+    assert set(fit.best_state) == set(model.head.state_dict())
+    assert not torch.equal(
+        fit.best_state["weight"], model.head.weight.detach()
+    )  # averaged, not the live head
+    runner.load_best(fit)
+    assert torch.equal(model.head.weight.detach(), fit.best_state["weight"])

@@ -104,6 +104,7 @@ class Runner:
         self.trainable: Trainable | None = None
         self.features: torch.Tensor | None = None
         self.ema: ModelEmaV3 | None = None  # per stage, when trainer.ema_decay is set
+        self.ema_source: torch.nn.Module = model  # what the EMA averages (enter())
 
     def enter(self, stage: Stage) -> Trainable:
         """Start a stage: freeze what it does not train, and seed its data order afresh.
@@ -122,6 +123,7 @@ class Runner:
         # ramps the decay (1 - (1 + step) ** -2/3, capped at ema_decay): a short fine-tune's average
         # is then not dominated by the weights it started from.
         target = self.model if self.trainable.trains_backbone else self.model.head
+        self.ema_source = target  # what each update averages in: the same module the EMA copied
         self.ema = (
             ModelEmaV3(target, decay=self.cfg.ema_decay, use_warmup=True) if self.cfg.ema_decay else None
         )
@@ -322,7 +324,7 @@ class Runner:
                 optimizer.step()
         state.updates += 1  # the schedule follows updates in time, a skipped one included
         if contributed and self.ema is not None:
-            self.ema.update(self.model, step=state.updates)
+            self.ema.update(self.ema_source, step=state.updates)
         if scheduler is not None:
             scheduler.step_update(num_updates=state.updates)
 

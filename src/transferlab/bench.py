@@ -270,7 +270,9 @@ def bench(args: argparse.Namespace) -> str:
     ft_limit = ["--limit", str(args.ft_limit)]
     run_measured([*child, *ft_limit, "--role", "plain", "--out", str(work / "plain.json")], log)
     plain_ips = json.loads((work / "plain.json").read_text())["images_per_s"]
+    # The bare loop, as the plain one is: the recipe's own cost is experiments/benchmarks/recipe.py's.
     ft_args = ["data=elpv", f"data.limit={args.ft_limit}", *backbone_args, "mode=full_finetune"]
+    ft_args += ["scheduler=constant", "augment=none"]
     run_measured(_train_cmd(work, cache_dir, *ft_args, "trainer.epochs=2", "mlflow.run_name=ft"), log)
     (ft,) = _metrics(work, "ft")  # MLflow's latest value: the second epoch's images/s
     total = time.perf_counter() - started

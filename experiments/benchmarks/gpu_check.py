@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,9 +25,14 @@ import numpy as np
 import torch
 
 from transferlab.backbones import build_backbone
-from transferlab.bench import article_feature_extraction, plain_finetune_images_per_s
+from transferlab.bench import (
+    article_feature_extraction,
+    augment_option,
+    plain_finetune_images_per_s,
+    runner_images_per_s,
+)
 from transferlab.data import PreparedData, Splits, storage_size
-from transferlab.engine import FitState, Runner
+from transferlab.engine import Runner
 from transferlab.modes import make_model, trainable_parameters
 from transferlab.schemas import AugmentConfig, BackboneConfig, FinetuneModeConfig, ModeConfig, TrainerConfig
 
@@ -61,9 +65,7 @@ def _backbone(name: str, size: int):  # noqa: ANN202 - (model with head, preproc
     return built.model, built.preprocess
 
 
-STRONG = AugmentConfig(
-    name="strong", crop="random_resized", hflip=0.5, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25
-)
+STRONG = augment_option("strong")  # conf/augment/strong.yaml, as a run gets it
 
 
 def finetune_images_per_s(
@@ -88,13 +90,7 @@ def finetune_images_per_s(
     runner = Runner(model, data, trainer, seed=0, augment=augment)
     runner.enter(stage)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-4)
-    never = lambda: False  # noqa: E731 - no stop signal in a benchmark
-    runner.train_epoch(optimizer, FitState(epoch=0), never)  # warm-up: kernels, allocator, compile
-    rates = [
-        runner.train_epoch(optimizer, FitState(epoch=e), never)["images_per_s"]
-        for e in range(1, 1 + args.repeats)
-    ]
-    return statistics.median(rates)
+    return runner_images_per_s(runner, optimizer, args.repeats)
 
 
 def plain_images_per_s(name: str, args: argparse.Namespace) -> float:

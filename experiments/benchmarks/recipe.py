@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 
 import torch
 
 from transferlab.backbones import build_backbone
-from transferlab.engine import FitState, Runner
+from transferlab.bench import augment_option, runner_images_per_s
+from transferlab.engine import Runner
 from transferlab.inputs import prepare_cached
 from transferlab.modes import make_model, trainable_parameters
 from transferlab.schemas import (
@@ -33,9 +33,7 @@ from transferlab.schemas import (
 )
 from transferlab.schemas.root import repo_root
 
-STRONG = AugmentConfig(
-    name="strong", crop="random_resized", hflip=0.5, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25
-)
+STRONG = augment_option("strong")  # conf/augment/strong.yaml, as a run gets it
 
 
 def images_per_s(args: argparse.Namespace, augment: AugmentConfig | None, workers: int = 0) -> float:
@@ -54,13 +52,7 @@ def images_per_s(args: argparse.Namespace, augment: AugmentConfig | None, worker
     runner = Runner(model, data, trainer, seed=0, augment=augment)
     runner.enter(FinetuneModeConfig(name="full_finetune", lr=1e-4).stages(1, 1e-4)[-1])
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-4)
-    never = lambda: False  # noqa: E731 - no stop signal in a benchmark
-    runner.train_epoch(optimizer, FitState(epoch=0), never)  # warm-up: allocator, kernels, workers
-    rates = [
-        runner.train_epoch(optimizer, FitState(epoch=e), never)["images_per_s"]
-        for e in range(1, 1 + args.repeats)
-    ]
-    return statistics.median(rates)
+    return runner_images_per_s(runner, optimizer, args.repeats)
 
 
 def main(argv: list[str] | None = None) -> int:

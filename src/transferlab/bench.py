@@ -30,8 +30,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn, optim
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -39,7 +41,7 @@ from transferlab.backbones import build_backbone
 from transferlab.data import PreparedData, eval_crop, normalize
 from transferlab.engine import select_device
 from transferlab.inputs import prepare_cached
-from transferlab.schemas import BackboneConfig, ElpvDataConfig
+from transferlab.schemas import AugmentConfig, BackboneConfig, ElpvDataConfig, repo_root
 
 BACKBONE = BackboneConfig(name="efficientnet_lite0", source="bundled", weights="imagenet")
 
@@ -107,6 +109,26 @@ def article_feature_extraction(
             outputs = model(normalize(images.to(device), data.preprocess))
             correct += (outputs.argmax(1).cpu() == labels).sum().item()
     return correct / len(test)
+
+
+def augment_option(name: str) -> AugmentConfig:
+    """``conf/augment/<name>.yaml`` as its schema: a benchmark measures the option a run gets."""
+    node = OmegaConf.load(Path(repo_root()) / "conf" / "augment" / f"{name}.yaml")
+    node.pop("defaults", None)
+    return AugmentConfig(**OmegaConf.to_container(node))
+
+
+def runner_images_per_s(runner: Any, optimizer: optim.Optimizer, repeats: int) -> float:
+    """Training images/s of a Runner's epochs: one warm-up epoch (allocator, kernels, workers, compile),
+    then the median of ``repeats`` epochs."""
+    from transferlab.engine import FitState
+
+    never = lambda: False  # noqa: E731 - no stop signal in a benchmark
+    runner.train_epoch(optimizer, FitState(epoch=0), never)
+    rates = [
+        runner.train_epoch(optimizer, FitState(epoch=e), never)["images_per_s"] for e in range(1, 1 + repeats)
+    ]
+    return statistics.median(rates)
 
 
 def plain_finetune_images_per_s(

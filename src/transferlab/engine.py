@@ -237,10 +237,7 @@ class Runner:
         )
         totals, accumulate = state.totals, self.cfg.accumulate_steps
         start = time.perf_counter()
-        # Batches of positions in the epoch's order (a position indexes the order and the seeds).
-        batches = training_batches(
-            torch.arange(len(state.order)), self.cfg.batch_size, even=mixup is not None
-        )
+        batches = self._epoch_batches(len(state.order))
         # In a log file (no TTY) redraw rarely rather than once per batch.
         bar = tqdm(
             range(state.step, len(batches)),
@@ -328,11 +325,16 @@ class Runner:
         if scheduler is not None:
             scheduler.step_update(num_updates=state.updates)
 
+    def _epoch_batches(self, images: int) -> list[torch.Tensor]:
+        """Batches of positions in an epoch's order (a position indexes the order and the seeds);
+        even-sized when mixup pairs the images of a batch."""
+        return training_batches(
+            torch.arange(images), self.cfg.batch_size, even=self.mixup is not None and self.augmenting
+        )
+
     def updates_per_epoch(self) -> int:
         """Optimizer updates in one epoch of this stage (the schedule's unit)."""
-        even = self.mixup is not None and self.augmenting
-        batches = len(training_batches(torch.arange(len(self.data.splits.train)), self.cfg.batch_size, even))
-        return math.ceil(batches / self.cfg.accumulate_steps)
+        return math.ceil(len(self._epoch_batches(len(self.data.splits.train))) / self.cfg.accumulate_steps)
 
     @torch.inference_mode()
     def predict(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "transferlab.optim": 1,
     "transferlab.schedule": 1,
     "transferlab.augment": 1,
+    "transferlab.classifier": 1,
     # 2 engine: caches, the loop, checkpoints, tracking, sweeps, pre-flight of overrides.
     "transferlab.cache": 2,
     "transferlab.inputs": 2,
@@ -39,6 +40,9 @@ LAYERS: dict[str, int] = {
     "transferlab.tracking": 2,
     "transferlab.sweep": 2,
     "transferlab.preflight": 2,
+    "transferlab.pyfunc": 2,
+    "transferlab.model_code": 2,
+    "transferlab.model_store": 2,
     # 3 entrypoints.
     "transferlab.train": 3,
     "transferlab.report": 3,
@@ -47,6 +51,7 @@ LAYERS: dict[str, int] = {
     "transferlab.reproduce": 3,
     "transferlab.bench": 3,
     "transferlab.demo": 3,
+    "transferlab.predict": 3,
 }
 
 

@@ -333,6 +333,26 @@ def build_backbone(cfg: BackboneConfig) -> BuiltBackbone:
     return BUILDERS[cfg.source](cfg)
 
 
+# torchvision builders that, given weights, build another network than without them (flags, not
+# tensors): what ``architecture`` passes so that a trained model's tensors meet the same forward.
+_TORCHVISION_PRETRAINED_FLAGS: dict[str, dict[str, bool]] = {
+    "googlenet": {"transform_input": True, "aux_logits": False},
+    "inception_v3": {"transform_input": True},
+}
+
+
+def architecture(cfg: BackboneConfig) -> nn.Module:
+    """The network ``cfg`` names, its original head attached, with no pretrained weights read: what a
+    trained model's own tensors are loaded into (:mod:`transferlab.classifier`). Nothing is downloaded."""
+    check_backbone_name(cfg)
+    if cfg.source == "bundled":
+        return timm.create_model(BUNDLED[cfg.name][0], pretrained=False)
+    if cfg.source == "timm":
+        return timm.create_model(cfg.name.split(".")[0], pretrained=False)
+    flags = _TORCHVISION_PRETRAINED_FLAGS.get(cfg.name, {}) if cfg.weights is not None else {}
+    return torchvision.models.get_model(cfg.name, weights=None, **flags)
+
+
 def check_backbone_name(cfg: BackboneConfig) -> None:
     """Cheap pre-flight: the name exists in its registry (no weights are loaded)."""
     if cfg.source == "bundled" and cfg.name not in BUNDLED:

@@ -240,8 +240,18 @@ def decode_workers(asked: int) -> int:
     if "fork" not in multiprocessing.get_all_start_methods():
         log.info("decoding in this process: no fork on this platform")
         return 0
-    if threading.active_count() > 1:
-        log.info("decoding in this process: other threads are running (%d)", threading.active_count())
+    # MLflow's system-metrics sampler is let through: it takes no lock a decode child uses (psutil and
+    # the tracking client, never Pillow, torch or NumPy), and the locks of logging and imports are
+    # re-initialised in a forked child by Python itself.
+    others = [
+        t
+        for t in threading.enumerate()
+        if t is not threading.current_thread() and t.name != "SystemMetricsMonitor"
+    ]
+    if others:
+        log.info(
+            "decoding in this process: other threads are running (%s)", ", ".join(t.name for t in others)
+        )
         return 0
     return asked
 

@@ -10,6 +10,11 @@ CSV, and PNG plots (``transferlab.report_render``), in ``--out`` and as artifact
 the parent run for ``--parent-run``; of a new run named ``report`` (tag ``sweep.role=report``) for
 ``--experiment``, since an experiment can hold several sweeps (a widened sweep is a second parent).
 
+With ``--register NAME`` the selected run's model becomes a new version of the registered model NAME,
+tagged with its test metrics, config hash, experiment and parent run, and the alias ``champion`` moves
+to it (older versions stay): ``python -m transferlab.predict models:/NAME@champion ...`` uses it. The
+run is the finished run with the best ``best_val_<trainer.monitor>``: validation decides, never test.
+
 Bad input exits 2 with one line naming the fix; a sweep with no FINISHED job exits 1 after listing
 its failures.
 """
@@ -175,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LABEL=PERCENT",
         help="a published test accuracy to compare with (table row and a line in the plot); repeatable",
     )
+    parser.add_argument(
+        "--register",
+        metavar="NAME",
+        default=None,
+        help="register the best-on-validation run's model as a new version of NAME, alias champion",
+    )
     args = parser.parse_args(argv)
 
     uri = args.tracking_uri or default_tracking_uri()
@@ -203,6 +214,30 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_log:
         run_id = publish(client, selection, out)
         print(f"logged under report/ of MLflow run {run_id}")
+    if args.register:
+        return register_best(client, selection, args.register)
+    return 0
+
+
+def register_best(client: MlflowClient, selection: Selection, name: str) -> int:
+    """``--register NAME``: the selection's best run on validation, as the new champion version of NAME."""
+    from transferlab import model_store
+    from transferlab.schemas import ConfigError
+
+    finished, _ = dedupe(selection.runs)
+    best = model_store.best_run(finished)
+    monitor = best.data.params.get("trainer.monitor", "accuracy")
+    why = f"best best_val_{monitor} of {len(finished)} finished run(s) of {selection.title}"
+    try:
+        version = model_store.register(client, best, name, why)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    value = best.data.metrics.get(f"best_val_{monitor}", float("nan"))
+    print(
+        f"registered run {best.info.run_id} (best_val_{monitor}={value:.4f}, the {why}) as "
+        f"models:/{name}/{version.version}; alias {model_store.ALIAS} -> version {version.version}"
+    )
     return 0
 
 

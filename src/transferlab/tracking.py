@@ -38,9 +38,10 @@ def is_bookkeeping(metric: str) -> bool:
 
     Timing (``wall_time_s``, ``epoch_time_s``, ``feature_extract_s``, ``input_load_s``, ``images_per_s``)
     and cache use (``feature_cache_hit``, ``input_cache_hit``) differ between two runs of one config
-    whenever the first filled a cache the second reads.
+    whenever the first filled a cache the second reads; MLflow's ``system/*`` metrics (CPU, memory,
+    GPU) between any two runs.
     """
-    return metric.endswith(("_s", "_cache_hit"))
+    return metric.endswith(("_s", "_cache_hit")) or metric.startswith("system/")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -59,8 +60,25 @@ def _local_sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, token usage) unless the experiment
+# says it holds model training: then it opens on the runs table, where sweeps and their children are.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def ui_link(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """Where the MLflow UI shows this experiment's runs table (or one run): a server's own address, or
+    for a local store the address ``make ui`` serves."""
+    base = (
+        tracking_uri.rstrip("/")
+        if tracking_uri.startswith(("http://", "https://"))
+        else "http://127.0.0.1:5000"
+    )
+    return f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+
+
 def setup_experiment(cfg: MlflowConfig) -> str:
-    """Point MLflow at the store and return the experiment id, creating it with our artifact root."""
+    """Point MLflow at the store and return the experiment id, creating it with our artifact root
+    (and tagged as a model-training experiment, :data:`EXPERIMENT_KIND`)."""
     resilient.configure(cfg)  # an unreachable server answers within seconds, not minutes
     db = _local_sqlite_path(cfg.tracking_uri)
     if db is not None:
@@ -81,12 +99,15 @@ def setup_experiment(cfg: MlflowConfig) -> str:
                 f"experiment {cfg.experiment_name!r} is deleted",
                 "restore it in the MLflow UI (or `mlflow experiments restore`), or choose another name",
             )
+        if not EXPERIMENT_KIND.keys() <= experiment.tags.keys():  # created before the tag was set
+            for key, value in EXPERIMENT_KIND.items():
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = cfg.artifact_location
     if "://" not in location:
         location = Path(location).resolve().as_uri()
     try:
-        return mlflow.create_experiment(cfg.experiment_name, artifact_location=location)
+        return mlflow.create_experiment(cfg.experiment_name, artifact_location=location, tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
         experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
         assert experiment is not None
@@ -110,21 +131,31 @@ def git_state(root: str) -> dict[str, str]:
 
 @contextmanager
 def mlflow_run(
-    experiment_id: str, run_name: str | None, tags: dict[str, str], run_id: str | None = None
+    experiment_id: str,
+    run_name: str | None,
+    tags: dict[str, str],
+    run_id: str | None = None,
+    system_metrics: MlflowConfig | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """A run that ends FINISHED, FAILED with the error text, or KILLED on a signal; never left RUNNING.
 
     With ``run_id`` (a resume) the existing run is reopened: its metrics, params and artifacts stay
-    and what follows is appended.
+    and what follows is appended (MLflow's system metrics continue their steps). ``system_metrics``:
+    the ``mlflow`` config whose ``system_metrics`` keys say whether MLflow samples CPU, memory and GPU.
     """
+    sample = system_metrics is not None and system_metrics.system_metrics
+    if sample:
+        mlflow.set_system_metrics_sampling_interval(system_metrics.system_metrics_interval_s)
     if run_id is not None:
-        run = mlflow.start_run(run_id=run_id)
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=sample)
         resumes = int(run.data.tags.get("resumes", "0")) + 1
         mlflow.set_tags({**tags, "resumes": str(resumes)})
         if "error" in run.data.tags:  # the interruption being resumed from
             mlflow.delete_tag("error")
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name, tags=tags, log_system_metrics=sample
+        )
     try:
         yield run
     except KeyboardInterrupt as exc:

@@ -30,9 +30,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from transferlab import sweep, tracking
+from transferlab import model_store, sweep, tracking
 from transferlab.augment import check_policy
 from transferlab.backbones import BuiltBackbone, build_backbone, check_backbone_name, find_classifier
 from transferlab.cache import FeatureCache, Lookup
@@ -73,7 +73,7 @@ def train(
     with (
         ckpt.held(),  # before the run starts: the same config twice at once fails here, clearly
         stop_signals(ckpt) as stop,
-        tracking.mlflow_run(experiment_id, run_name, tags, run_id=ckpt.run_id) as run,
+        tracking.mlflow_run(experiment_id, run_name, tags, ckpt.run_id, cfg.mlflow) as run,
     ):
         started = time.perf_counter()
         tracking.log_params(cfg, raw)
@@ -118,7 +118,19 @@ def train(
             lambda: tracking.log_results(metrics, labels, preds, data.classes, model, runner.device.type),
             "log the results",
         )
+        # The tested weights as an MLflow model from code: predict, pyfunc and serve read it.
+        example = data.images[int(data.splits.val[0])]
+        config_yaml = OmegaConf.to_yaml(raw, resolve=True)
+        retry(
+            lambda: model_store.log_model(
+                model.state_dict(), config_yaml, data.classes, data.preprocess, example
+            ),
+            "log the model",
+        )
         log.info("test: %s (run %s)", ", ".join(f"{k}={v:.4f}" for k, v in test.items()), run.info.run_id)
+        log.info(
+            "in the MLflow UI: %s", tracking.ui_link(cfg.mlflow.tracking_uri, experiment_id, run.info.run_id)
+        )
     ckpt.remove()  # finished: the next launch of this config is a new run
     return metrics
 

@@ -83,19 +83,25 @@ def load_image(path: str | Path) -> np.ndarray:
     return array
 
 
-def check_image(path: Path) -> str | None:
-    """What is wrong with the file, or None when it decodes to an image training can use."""
+def read_image(path: Path) -> np.ndarray | str:
+    """The decoded array, or what is wrong with the file (one line): for a check, and for ``predict``,
+    where a bad file is a row of its output, not a crash."""
     try:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
-        load_image(path)
+        return load_image(path)
     except UnidentifiedImageError:
         return f"not an image Pillow can read (suffix {path.suffix or 'none'!r})"
     except Image.DecompressionBombError as exc:
         return f"too large to decode safely ({exc})"
     except (OSError, ValueError, SyntaxError) as exc:  # truncated, corrupt headers, bad modes
         return f"cannot decode: {type(exc).__name__}: {exc}".replace("\n", " ")
-    return None
+
+
+def check_image(path: Path) -> str | None:
+    """What is wrong with the file, or None when it decodes to an image training can use."""
+    result = read_image(path)
+    return result if isinstance(result, str) else None
 
 
 def scan_class_folder(folder: Path, root: Path) -> tuple[list[Path], list[BadImage]]:

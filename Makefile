@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 UI_PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-guarantees lint format ui report bench gpu-check clean clean-cache
+.PHONY: help install demo test test-slow test-guarantees lint format ui report serve bench gpu-check clean clean-cache
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,6 +44,11 @@ ui: $(STAMP) ## serve the MLflow UI for the local store on 127.0.0.1:$(UI_PORT)
 
 report: $(STAMP) ## aggregate a sweep from MLflow: make report EXPERIMENT=elpv_fe_vs_ft (or PARENT=<parent run id>)
 	$(BIN)/python -m transferlab.report $(if $(PARENT),--parent-run $(PARENT),--experiment $(or $(EXPERIMENT),elpv_fe_vs_ft))
+
+serve: $(STAMP) ## serve a run's model on 127.0.0.1:$(PORT): make serve MODEL=models:/NAME@champion (or runs:/RUN_ID/model)
+	@test -n "$(MODEL)" || { echo "error: MODEL: not set. Fix: make serve MODEL=models:/NAME@champion (or runs:/RUN_ID/model)" >&2; exit 2; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	  $(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local --host 127.0.0.1 --port $(or $(PORT),5001)
 
 bench: $(STAMP) ## the benchmarks: vs the seed article's loop (BENCH_ARGS=--full), the recipe's cost, the data path (~25 min)
 	$(BIN)/python -m transferlab.bench $(BENCH_ARGS)

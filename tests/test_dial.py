@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
+from transferlab import model_store
 from transferlab.backbones import build_backbone, split_head
 from transferlab.data import prepare
 from transferlab.engine import Runner
@@ -323,7 +324,7 @@ def test_lp_ft_probe_head_equals_a_feature_extraction_run(run_cli, store, tmp_pa
     fe, lp = runs.loc["feature_extract"], runs.loc["lp_ft"]
     assert fe["status"] == lp["status"] == "FINISHED"
 
-    fe_state = torch.load(_artifact(client, fe["run_id"], "best_model.pt", tmp_path), weights_only=True)
+    fe_state = model_store.load_weights(client, fe["run_id"], tmp_path / "fe")
     probe = torch.load(_artifact(client, lp["run_id"], "probe_head.pt", tmp_path / "lp"), weights_only=True)
     for key, tensor in probe.items():
         assert torch.equal(tensor, fe_state[f"head.{key}"]), key

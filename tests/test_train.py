@@ -7,8 +7,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 from mlflow import MlflowClient
+
+from transferlab import model_store
 
 from .conftest import TINY, runs_in
 
@@ -55,7 +56,6 @@ def test_a_tiny_run_logs_everything(run_cli, store, tmp_path: Path, mode: str) -
         "config.yaml",
         "overrides.json",
         "reproducibility.json",
-        "best_model.pt",
         "classes.json",
         "test_confusion_matrix.png",
         "test_classification_report.txt",
@@ -70,9 +70,8 @@ def test_a_tiny_run_logs_everything(run_cli, store, tmp_path: Path, mode: str) -
     # The dataset as an MLflow input, with the fingerprint as digest.
     inputs = client.get_run(run["run_id"]).inputs.dataset_inputs
     assert {i.dataset.digest for i in inputs} == {record["dataset"]["fingerprint"][:32]}
-    # The best model loads as plain tensors (no pickle of code).
-    weights = Path(client.download_artifacts(run["run_id"], "best_model.pt", str(tmp_path)))
-    state = torch.load(weights, weights_only=True)
+    # The tested weights: the run's MLflow model, plain tensors (safetensors, no pickle of code).
+    state = model_store.load_weights(client, run["run_id"], tmp_path / "model")
     assert state["head.weight"].shape[0] == 2
 
 

@@ -21,6 +21,7 @@ import uuid
 import mlflow
 
 from transferlab.schemas import repo_root
+from transferlab.tracking import ui_link
 
 EXPERIMENT = "demo_elpv_fe_vs_ft"
 MODES = {"feature_extract": 30, "full_finetune": 3}  # mode -> epochs (each with its mode's recipe)
@@ -95,7 +96,8 @@ def main(extra: list[str]) -> int:
         f"\nDemo took {time.perf_counter() - started:.0f} s. Published: fine-tuned VGG-19 88.42 %, SVM 82.44 % "
         "(Deitsch et al. 2019)."
     )
-    print(f"See the runs: make ui, then open http://127.0.0.1:5000 and the experiment '{EXPERIMENT}'.")
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    print(f"See the runs: make ui, then open {ui_link('sqlite:', experiment)} (experiment '{EXPERIMENT}').")
     return 0
 
 

@@ -221,6 +221,15 @@ def fetch(client: MlflowClient, source: Source, dst: Path) -> Path:
     return folder / "artifacts"
 
 
+def load_weights(client: MlflowClient, run_id: str, dst: Path) -> dict[str, torch.Tensor]:
+    """A finished run's tested weights, as plain tensors (the model folder checked first)."""
+    from safetensors.torch import load_file
+
+    from transferlab.classifier import WEIGHTS
+
+    return load_file(str(fetch(client, resolve(client, run_id), dst) / WEIGHTS))
+
+
 def best_run(runs: list[Any]) -> Any:
     """The finished run with the best ``best_val_<monitor>`` (each run's own trainer.monitor): the
     validation split decides, never the test split. Ties: the smaller ``best_val_loss``, then the older run."""

@@ -43,7 +43,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.schemas import ConfigError, MlflowConfig, TrainConfig, config_hash
-from transferlab.tracking import setup_experiment
+from transferlab.tracking import setup_experiment, ui_link
 
 log = logging.getLogger("transferlab.sweep")
 
@@ -364,6 +364,10 @@ class MlflowSweepCallback(Callback):
         client.set_terminated(info.parent_run_id, "FAILED" if failed else "FINISHED")
         print(f"\nsweep {info.name!r} (MLflow parent run {info.parent_run_id}): {text}")
         print(f"report: python -m transferlab.report --parent-run {info.parent_run_id}")
+        print(
+            f"in the MLflow UI: {ui_link(info.tracking_uri, info.experiment_id)} (the runs table, children "
+            f"under their parent), {ui_link(info.tracking_uri, info.experiment_id, info.parent_run_id)} (the parent)"
+        )
         if failed:
             sys.exit(1)  # SystemExit passes Hydra's callback guard (it only catches Exception)
 

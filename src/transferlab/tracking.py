@@ -336,15 +336,13 @@ def log_results(
     labels: np.ndarray,
     preds: np.ndarray,
     classes: list[str],
-    model: Any,
     device_type: str,
 ) -> None:
-    """Final metrics, the confusion matrix and report, and the best model's weights."""
+    """Final metrics, the confusion matrix and report, and the class order. (The tested weights are the
+    run's MLflow model, :func:`transferlab.model_store.log_model`: stored once, as safetensors.)"""
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
     mlflow.set_tag("device", device_type)
     log_confusion(labels, preds, classes)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    log_state_dict(state, "best_model.pt")
     mlflow.log_dict({"classes": classes}, "classes.json")
 
 

@@ -115,7 +115,7 @@ def train(
         metrics |= final_metrics(test, fit, costs, counts, time.perf_counter() - started)
         log_epoch.flush()
         retry(
-            lambda: tracking.log_results(metrics, labels, preds, data.classes, model, runner.device.type),
+            lambda: tracking.log_results(metrics, labels, preds, data.classes, runner.device.type),
             "log the results",
         )
         # The tested weights as an MLflow model from code: predict, pyfunc and serve read it.

@@ -60,20 +60,25 @@ def _local_sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
-# MLflow 3's UI opens an experiment on its GenAI overview (traces, token usage) unless the experiment
-# says it holds model training: then it opens on the runs table, where sweeps and their children are.
+# The kind MLflow records for model-training experiments (what its own training integrations set).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def ui_link(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """Where the MLflow UI shows this experiment's runs table (or one run): a server's own address, or
-    for a local store the address ``make ui`` serves."""
+    for a local store the address ``make ui`` serves.
+
+    MLflow 3.17's UI opens an experiment on its GenAI overview (traces, token usage) unless the address
+    asks for the model-training view (``workflowType=machine_learning``; it then remembers the choice in
+    the browser); the experiment's kind tag alone does not change that (seen in Chromium, tests/test_ui.py).
+    """
     base = (
         tracking_uri.rstrip("/")
         if tracking_uri.startswith(("http://", "https://"))
         else "http://127.0.0.1:5000"
     )
-    return f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    path = f"/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
+    return f"{base}{path}?workflowType=machine_learning"
 
 
 def setup_experiment(cfg: MlflowConfig) -> str:

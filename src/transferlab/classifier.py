@@ -18,7 +18,6 @@ own test predictions.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import itertools
 import json
@@ -58,14 +57,6 @@ def write_files(
     (folder / CONFIG).write_text(config_yaml)
     (folder / CLASSES).write_text(json.dumps({"classes": classes}))
     (folder / PREPROCESS).write_text(json.dumps(dataclasses.asdict(pre)))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_folder(root: Path, allowed: dict[str, bytes | None], where: str) -> None:

@@ -47,6 +47,8 @@ LAYERS: dict[str, int] = {
     "transferlab.train": 3,
     "transferlab.report": 3,
     "transferlab.report_stats": 3,
+    "transferlab.report_ci": 3,
+    "transferlab.report_select": 3,
     "transferlab.report_render": 3,
     "transferlab.reproduce": 3,
     "transferlab.bench": 3,

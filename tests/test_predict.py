@@ -242,6 +242,8 @@ def _post(port: int, payload: object) -> tuple[int, str]:
 
 def test_the_registry_alias_moves_and_older_versions_stay(trained: Trained, capsys) -> None:
     uri = ["--tracking-uri", trained.uri, "--no-log"]
+    assert report.main(["--experiment", "predict", *uri, "--register", "a/b"]) == 2  # before any report
+    assert "--register: 'a/b' cannot be a model name" in capsys.readouterr().err
     assert report.main(["--experiment", "predict", *uri, "--register", "tiny-defects"]) == 0
     assert "alias champion -> version 1" in capsys.readouterr().out
     later = [trained.run("predict_more", f"seed={s}") for s in (0, 1)]

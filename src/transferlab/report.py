@@ -42,6 +42,8 @@ from transferlab.report_render import (
     plot_curves,
     write_report,
 )
+from transferlab.report_select import REPLICATES, check_selection, with_test_cis
+from transferlab.report_select import select as select_configs
 from transferlab.report_stats import (
     BASE,
     DIAL,
@@ -122,8 +124,14 @@ def _check_store(uri: str) -> None:
         )
 
 
-def build(client: MlflowClient, selection: Selection, out: Path, references: Sequence[Reference] = ()) -> str:
-    """Write every table and plot into ``out``; return the Markdown report."""
+def prepare(
+    selection: Selection, select: str | None = None, tune: Sequence[str] = ()
+) -> tuple[Analysis, list[str]]:
+    """The analysis of the selection's FINISHED runs, and the ids of the runs it reports.
+
+    ``select``: a validation metric; per arm only the tuned values (``tune``, else the sweep's
+    ``sweep.tune``) with its best mean over replicates are reported (:mod:`transferlab.report_select`).
+    """
     finished, failed = dedupe(selection.runs)
     extra = hidden_axes(finished, selection.axes)
     axes = [*selection.axes, *extra]
@@ -135,7 +143,31 @@ def build(client: MlflowClient, selection: Selection, out: Path, references: Seq
             "(it reruns only what did not finish)",
             code=1,
         )
-    analysis = analyse(runs_frame(finished, axes), failed_df, axes, extra)
+    df = runs_frame(finished, axes, [select] if select else [])
+    if select is None:
+        return analyse(df, failed_df, axes, extra), df["run_id"].tolist()
+    tuned = list(tune) or list(selection.tuned)
+    check_selection(df, select, tuned, axes)
+    arms = [a for a in axes if a not in (*REPLICATES, *tuned)]
+    chosen_runs, choices = select_configs(df, arms, tuned, select)
+    analysis = analyse(
+        chosen_runs, failed_df, [a for a in axes if a not in tuned], [e for e in extra if e not in tuned]
+    )
+    analysis.selection = with_test_cis(choices, chosen_runs, arms, PAIRED)
+    analysis.tuned = tuned
+    return analysis, chosen_runs["run_id"].tolist()
+
+
+def build(
+    client: MlflowClient,
+    selection: Selection,
+    out: Path,
+    references: Sequence[Reference] = (),
+    select: str | None = None,
+    tune: Sequence[str] = (),
+) -> str:
+    """Write every table and plot into ``out``; return the Markdown report (see :func:`prepare`)."""
+    analysis, _ = prepare(selection, select, tune)
     return write_report(client, selection.title, analysis, out, references)
 
 
@@ -181,6 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         help="a published test accuracy to compare with (table row and a line in the plot); repeatable",
     )
     parser.add_argument(
+        "--select",
+        metavar="METRIC",
+        default=None,
+        help="per arm, keep only the tuned values with the best mean of this val_*/best_val_* metric",
+    )
+    parser.add_argument(
+        "--tune",
+        metavar="KEY[,KEY...]",
+        default=None,
+        help="the tuned axes for --select (default: the sweep's sweep.tune)",
+    )
+    parser.add_argument(
         "--register",
         metavar="NAME",
         default=None,
@@ -191,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.tracking_uri or default_tracking_uri()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stdout the report
     try:
+        if args.register is not None and (not args.register.strip() or re.search(r"[/@:]", args.register)):
+            raise ReportError(
+                f"--register: {args.register!r} cannot be a model name in models:/NAME@champion. "
+                "Fix: use letters, digits, '-', '_' or '.', e.g. --register elpv-defects"
+            )
         _check_store(uri)
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
@@ -205,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
                 "python -m transferlab.train -m experiment=elpv_fe_vs_ft"
             )
         out = args.out or Path(repo_root()) / "logs" / "reports" / _slug(selection.title)
-        text = build(client, selection, out, args.reference)
+        if args.tune is not None and args.select is None:
+            raise ReportError("--tune: only with --select. Fix: add e.g. --select best_val_accuracy")
+        tune = [k.strip() for k in args.tune.split(",") if k.strip()] if args.tune else []
+        analysis, reported = prepare(selection, args.select, tune)
+        text = write_report(client, selection.title, analysis, out, args.reference)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
@@ -215,19 +268,23 @@ def main(argv: list[str] | None = None) -> int:
         run_id = publish(client, selection, out)
         print(f"logged under report/ of MLflow run {run_id}")
     if args.register:
-        return register_best(client, selection, args.register)
+        return register_best(client, selection, args.register, reported, args.select)
     return 0
 
 
-def register_best(client: MlflowClient, selection: Selection, name: str) -> int:
-    """``--register NAME``: the selection's best run on validation, as the new champion version of NAME."""
+def register_best(
+    client: MlflowClient, selection: Selection, name: str, reported: list[str], select: str | None
+) -> int:
+    """``--register NAME``: of the runs the report shows (with ``--select``, the configurations chosen
+    on validation), the best on validation, as the new champion version of NAME."""
     from transferlab import model_store
     from transferlab.schemas import ConfigError
 
-    finished, _ = dedupe(selection.runs)
+    finished = [r for r in dedupe(selection.runs)[0] if r.info.run_id in set(reported)]
     best = model_store.best_run(finished)
     monitor = best.data.params.get("trainer.monitor", "accuracy")
-    why = f"best best_val_{monitor} of {len(finished)} finished run(s) of {selection.title}"
+    scope = f"the configurations chosen by --select {select}" if select else "finished run(s)"
+    why = f"best best_val_{monitor} of {len(finished)} {scope} of {selection.title}"
     try:
         version = model_store.register(client, best, name, why)
     except ConfigError as exc:

@@ -65,7 +65,14 @@ def display_diffs(diffs: pd.DataFrame, groups: list[str], axis: str, header: str
             "–" if math.isnan(m) else _cell(m, s, metric, pm)
             for m, s in zip(diffs[f"{metric}_diff_mean"], diffs[f"{metric}_diff_std"], strict=True)
         ]
-        table[f"p ({short})"] = [_num(p, ".3g") for p in diffs[f"{metric}_p"]]
+        scale = METRICS[metric][1]
+        table[f"95 % CI ({short})"] = [
+            "–" if math.isnan(lo) else f"[{lo * scale:+.2f}, {hi * scale:+.2f}]"
+            for lo, hi in zip(
+                diffs[f"{metric}_diff_ci95_low"], diffs[f"{metric}_diff_ci95_high"], strict=True
+            )
+        ]
+        table[f"p Holm ({short})"] = [_num(p, ".3g") for p in diffs[f"{metric}_p_holm"]]
     return table
 
 
@@ -189,15 +196,27 @@ def _split_unpaired(diffs: pd.DataFrame, groups: list[str], text: str) -> tuple[
 
 
 def compare(stats: pd.DataFrame, groups: list[str], references: Sequence[Reference]) -> pd.DataFrame:
-    """Each reference against the group with the best mean test accuracy here."""
-    best = stats.loc[stats["test_accuracy_mean"].idxmax()]
+    """Each reference against the group with the best mean **validation** accuracy here (its test
+    accuracy is then read, never used to choose; groups without a validation number are not chosen)."""
+    ranked = stats.dropna(subset=["best_val_accuracy_mean"])
+    best = (
+        (ranked if len(ranked) else stats)
+        .sort_values("best_val_accuracy_mean", ascending=False, kind="stable")
+        .iloc[0]
+    )
     mean, std = best["test_accuracy_mean"], best["test_accuracy_std"]
+    low, high = best.get("test_accuracy_ci95_low", math.nan), best.get("test_accuracy_ci95_high", math.nan)
+    ci = "–" if math.isnan(low) else f"[{low * 100:.2f}, {high * 100:.2f}]"
     return pd.DataFrame(
         {
             "reference": ref.label,
             "test acc (%)": f"{ref.value * 100:.2f}",
-            "best group here": _label(best, groups),
+            "best group here (on validation)": _label(best, groups),
+            "its val acc (%)": _cell(
+                best["best_val_accuracy_mean"], best["best_val_accuracy_std"], "best_val_accuracy", "±"
+            ),
             "its test acc (%)": _cell(mean, std, "test_accuracy", "±") + f" (n={int(best['n'])})",
+            "95 % CI (%)": ci,
             "difference (pp)": f"{(mean - ref.value) * 100:+.2f}",
         }
         for ref in references
@@ -219,7 +238,15 @@ def write_report(
     """Write every table and plot of ``analysis`` into ``out``; return the Markdown report."""
     groups, extra, df, stats = analysis.groups, analysis.extra, analysis.runs, analysis.stats
     diffs, gains, pair_notes = analysis.diffs, analysis.gains, analysis.pair_notes
-    table, tex_table = display_tables(stats, groups, "±"), display_tables(stats, groups, r"$\pm$")
+    shown = groups
+    if analysis.selection is not None:  # the chosen tuned values beside each arm
+        shown = [*groups, *analysis.tuned]
+        stats = (
+            stats.merge(analysis.selection[[*groups, *analysis.tuned]], on=groups, how="left")
+            if groups
+            else (stats.assign(**{k: analysis.selection.iloc[0][k] for k in analysis.tuned}))
+        )
+    table, tex_table = display_tables(stats, shown, "±"), display_tables(stats, shown, r"$\pm$")
 
     out.mkdir(parents=True, exist_ok=True)
     pd.concat([df, analysis.failed]).to_csv(out / "runs.csv", index=False)
@@ -229,9 +256,19 @@ def write_report(
     if extra:
         grouped += f" ({', '.join(extra)}: not swept, but differ between runs of one group)"
     parts = [f"# {title}", f"{grouped}; mean ± std (sample std over seeds) and n.", markdown(table), COSTS]
+    if analysis.selection is not None:
+        analysis.selection.to_csv(out / "selection.csv", index=False)
+        metric = next(c for c in analysis.selection.columns if c.endswith("_mean") and "val_" in c)
+        parts.insert(
+            2,
+            f"Selected on validation: per arm, the {', '.join(analysis.tuned)} with the best mean "
+            f"{metric.removesuffix('_mean')} over seeds (of `candidates` configurations; test metrics chose "
+            "nothing); only those runs are in the tables. Chosen values and test 95 % CIs: `selection.csv`.",
+        )
     how = (
-        "Mean ± std of the per-seed differences in percentage points; p: two-sided paired t-test "
-        "(`scipy.stats.ttest_rel`), – where fewer than two pairs."
+        "Mean ± std of the per-seed differences in percentage points, their t-based 95 % confidence "
+        "interval; p Holm: the two-sided paired t-test's p (`scipy.stats.ttest_rel`) adjusted by "
+        "Holm–Bonferroni over the table's rows, per metric (raw p in the CSV); – where fewer than two pairs."
     )
     if diffs is not None:
         diffs.to_csv(out / "paired.csv", index=False)
@@ -260,7 +297,12 @@ def write_report(
             )
             tex.append(latex(display_diffs(shown, groups, WEIGHTS, header, r"$\pm$"), caption))
     if references:
-        parts += ["## Published references (test accuracy)", markdown(compare(stats, groups, references))]
+        parts += [
+            "## Published references (test accuracy)",
+            "The group beside them is the best on validation accuracy (mean best_val_accuracy); its test "
+            "accuracy is read after that choice.",
+            markdown(compare(stats, groups, references)),
+        ]
     text = "\n\n".join(parts) + failures_section(analysis.failed) + "\n"
     (out / "report.md").write_text(text)
     (out / "report.tex").write_text("\n\n".join(tex))

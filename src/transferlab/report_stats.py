@@ -35,11 +35,13 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from transferlab.report_ci import ci95, holm
 from transferlab.schemas import NOT_SEMANTIC
 from transferlab.sweep import CONFIG_HASH, NAME_ORDER, ROLE
 
 # metric -> (column header, scale, decimals)
 METRICS: dict[str, tuple[str, float, int]] = {
+    "best_val_accuracy": ("val acc (%)", 100.0, 2),  # what chooses (the reference row, --select)
     "test_accuracy": ("test acc (%)", 100.0, 2),
     "test_balanced_accuracy": ("bal. acc (%)", 100.0, 2),
     "test_macro_f1": ("macro-F1 (%)", 100.0, 2),
@@ -77,6 +79,7 @@ class Selection:
     runs: list[Run]
     parent_run_id: str | None = None  # None: a report over a whole experiment
     notes: list[str] = field(default_factory=list)
+    tuned: list[str] = field(default_factory=list)  # the sweep's sweep.tune (``--tune`` overrides it)
 
 
 def _role(run: Run) -> str | None:
@@ -117,7 +120,9 @@ def select_parent(client: MlflowClient, run_id: str) -> Selection:
     )
     runs = list(children) + _reused_runs(client, parent)
     name = parent.data.tags.get("sweep.name", parent.info.run_name or run_id)
-    return Selection(name, parent.info.experiment_id, _axes_of(parent), runs, parent_run_id=run_id)
+    return Selection(
+        name, parent.info.experiment_id, _axes_of(parent), runs, parent_run_id=run_id, tuned=_tuned_of(parent)
+    )
 
 
 def select_experiment(client: MlflowClient, name: str) -> Selection:
@@ -128,10 +133,17 @@ def select_experiment(client: MlflowClient, name: str) -> Selection:
     runs = client.search_runs([experiment.experiment_id], max_results=50000)
     parents = [r for r in runs if _role(r) == "parent"]
     axes: list[str] = []
+    tuned: list[str] = []
     for parent in sorted(parents, key=lambda r: r.info.start_time):
         axes += [a for a in _axes_of(parent) if a not in axes]
+        tuned += [a for a in _tuned_of(parent) if a not in tuned]
     jobs = [r for r in runs if _role(r) not in ("parent", "report")]
-    return Selection(name, experiment.experiment_id, axes, jobs)
+    return Selection(name, experiment.experiment_id, axes, jobs, tuned=tuned)
+
+
+def _tuned_of(parent: Run) -> list[str]:
+    """The keys the sweep declared as tuned (``sweep.tune``): chosen on validation by ``--select``."""
+    return list(json.loads(parent.data.tags.get("sweep.tune", "[]")))
 
 
 def dedupe(runs: list[Run]) -> tuple[list[Run], list[Run]]:
@@ -207,7 +219,9 @@ def broadcast_base(df: pd.DataFrame, axes: Sequence[str]) -> tuple[pd.DataFrame,
     return df, notes
 
 
-def runs_frame(runs: list[Run], axes: list[str]) -> pd.DataFrame:
+def runs_frame(runs: list[Run], axes: list[str], extra: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per run: its axes, seed, status and metrics (``extra``: more logged metrics, e.g. the
+    ``--select`` metric)."""
     rows = []
     for run in runs:
         row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name}
@@ -216,6 +230,7 @@ def runs_frame(runs: list[Run], axes: list[str]) -> pd.DataFrame:
         row["status"] = run.info.status
         row |= {m: run.data.metrics.get(m, math.nan) for m in METRICS if m not in DERIVED}
         row |= cost_columns(run.data.metrics)
+        row |= {m: run.data.metrics.get(m, math.nan) for m in extra if m not in row}
         row["error"] = run.data.tags.get("error", "")
         rows.append(row)
     return pd.DataFrame(rows)
@@ -251,11 +266,17 @@ def summary(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
     stats.insert(len(groups), "n", stats[f"{next(iter(METRICS))}_count"].astype(int))
     stats["from_scratch_s_mean"] = stats["train_time_s_mean"] + stats["feature_pass_s_mean"]
     stats["from_scratch_s_std"] = stats["train_time_s_std"]
+    # t-based 95 % confidence intervals of the means over replicates (transferlab.report_select.ci95).
+    for metric in (m for m in METRICS if m in PAIRED or m == "best_val_accuracy"):
+        cis = df.assign(_all="all").groupby(keys, sort=True)[metric].apply(lambda v: ci95(v.tolist()))
+        stats[f"{metric}_ci95_low"] = [c[0] for c in cis]
+        stats[f"{metric}_ci95_high"] = [c[1] for c in cis]
     return stats.drop(columns=[c for c in stats.columns if c.endswith("_count")])
 
 
 def _paired_stats(part: pd.DataFrame, axis: str, treated: str, base: str) -> dict[str, Any]:
-    """``treated`` - ``base`` along ``axis`` within ``part``, matched by seed (``ttest_rel``)."""
+    """``treated`` - ``base`` along ``axis`` within ``part``, matched by seed (``ttest_rel``), with the
+    t-based 95 % CI of the mean difference."""
     from scipy.stats import ttest_rel
 
     row: dict[str, Any] = {"n_pairs": 0}
@@ -270,12 +291,14 @@ def _paired_stats(part: pd.DataFrame, axis: str, treated: str, base: str) -> dic
     for metric in PAIRED:
         if row["n_pairs"] == 0:
             row |= {f"{metric}_diff_mean": math.nan, f"{metric}_diff_std": math.nan}
+            row |= {f"{metric}_diff_ci95_low": math.nan, f"{metric}_diff_ci95_high": math.nan}
             row |= {f"{metric}_t": math.nan, f"{metric}_p": math.nan}
             continue
         treated_v, base_v = pairs[(metric, treated)].to_numpy(), pairs[(metric, base)].to_numpy()
         diff = treated_v - base_v
         row[f"{metric}_diff_mean"] = float(diff.mean())
         row[f"{metric}_diff_std"] = float(diff.std(ddof=1)) if len(diff) > 1 else math.nan
+        row[f"{metric}_diff_ci95_low"], row[f"{metric}_diff_ci95_high"] = ci95(diff.tolist())
         with warnings.catch_warnings():  # n < 2 or identical differences: no test, NaN
             warnings.simplefilter("ignore")
             test = ttest_rel(treated_v, base_v) if len(diff) > 1 else None
@@ -306,7 +329,14 @@ def paired(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame | None:
         for treated in (m for m in treated_modes if m in set(part["mode"])):
             row: dict[str, Any] = dict(zip(others, key, strict=True)) | {"mode": treated}
             rows.append(row | _paired_stats(part, "mode", treated, BASE))
-    return pd.DataFrame(rows)
+    return with_holm(pd.DataFrame(rows))
+
+
+def with_holm(table: pd.DataFrame) -> pd.DataFrame:
+    """``<metric>_p_holm``: Holm–Bonferroni over the table's rows, one family per metric (raw p kept)."""
+    for metric in PAIRED:
+        table[f"{metric}_p_holm"] = holm(table[f"{metric}_p"].tolist())
+    return table
 
 
 def pretraining(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame | None:
@@ -326,7 +356,7 @@ def pretraining(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame | None:
         for weights in sorted(set(part[WEIGHTS]) - {RANDOM_INIT}) or [RANDOM_INIT]:
             row: dict[str, Any] = dict(zip(others, key, strict=True)) | {WEIGHTS: weights}
             rows.append(row | _paired_stats(part, WEIGHTS, weights, RANDOM_INIT))
-    return pd.DataFrame(rows) if rows else None
+    return with_holm(pd.DataFrame(rows)) if rows else None
 
 
 def _shown(axis: str, value: object) -> str:
@@ -367,6 +397,10 @@ class Analysis:
     diffs: pd.DataFrame | None  # ``paired``: each mode - BASE
     gains: pd.DataFrame | None  # ``pretraining``: pretrained - random init
     pair_notes: list[str]  # one sentence per hidden axis ``broadcast_base`` paired with BASE's one value
+    # --select: one row per arm, its tuned values chosen on validation (report_select.select), and the
+    # tuned axes; None / [] for a report of every configuration.
+    selection: pd.DataFrame | None = None
+    tuned: list[str] = field(default_factory=list)
 
 
 def analyse(df: pd.DataFrame, failed: pd.DataFrame, axes: list[str], extra: list[str]) -> Analysis:

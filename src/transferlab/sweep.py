@@ -289,6 +289,7 @@ class MlflowSweepCallback(Callback):
                 "sweep.name": name,
                 "sweep.overrides": json.dumps(swept),
                 "sweep.axes": json.dumps(axes),
+                "sweep.tune": json.dumps(list(OmegaConf.select(config, "sweep.tune", default=[]) or [])),
                 "sweep.dir": sweep_dir,
                 "sweep.sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_")),
                 "sweep.launcher": str(OmegaConf.select(config, "hydra.launcher._target_")),

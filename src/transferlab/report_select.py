@@ -1,0 +1,116 @@
+"""Selection on validation, and the statistics a reviewer asks for beside mean ± std.
+
+``--select METRIC`` (a logged ``val_*`` or ``best_val_*`` metric): the swept axes split into the
+**tuned** ones (``--tune KEY,...``, or the sweep's ``sweep.tune``), the **replicates** (``seed``) and
+the **arms** (everything else: mode, backbone, weights, augment, ...). Per arm, the tuned values whose
+mean METRIC over replicates is best are chosen, and only that configuration's runs are reported. Test
+metrics are never read on the way: :func:`select` sees only the arm, tuned and METRIC columns.
+
+``selection.csv`` gives each chosen configuration's test means with t-based 95 % confidence intervals
+(:mod:`transferlab.report_ci`), computed from the chosen runs after the choice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from transferlab.report_ci import ci95
+from transferlab.report_stats import ReportError
+
+REPLICATES = ("seed",)
+LOWER_IS_BETTER = ("loss",)  # a selection metric ending so is minimised
+
+
+def check_selection(df: pd.DataFrame, metric: str, tuned: list[str], axes: list[str]) -> None:
+    """Bad input for ``--select``/``--tune``: one line naming the fix, before anything is written."""
+    if not metric.startswith(("val_", "best_val_")):
+        raise ReportError(
+            f"--select: {metric!r} is not a validation metric. Fix: use a val_* or best_val_* metric, "
+            "e.g. --select best_val_accuracy (test metrics never choose anything)"
+        )
+    if metric not in df.columns or df[metric].isna().all():
+        raise ReportError(
+            f"--select: no run logged {metric!r}. Fix: use a metric the runs logged, e.g. "
+            "--select best_val_accuracy"
+        )
+    unswept = [k for k in tuned if k not in axes]
+    if unswept:
+        raise ReportError(
+            f"--tune: {unswept[0]!r} was not swept (swept: {', '.join(axes) or 'nothing'}). "
+            "Fix: name a swept key, e.g. --tune optimizer.lr"
+        )
+    if not tuned:
+        raise ReportError(
+            "--select: no tuned axis (the sweep declared none). Fix: name them, e.g. --tune optimizer.lr"
+        )
+
+
+def select(
+    df: pd.DataFrame, arms: list[str], tuned: list[str], metric: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per arm, the tuned values with the best mean ``metric`` over replicates.
+
+    Returns the runs of the chosen configurations and one row per arm (arm axes, chosen tuned values,
+    ``n``, ``<metric>_mean``, ``candidates``). Only the arm, tuned and ``metric`` columns are read, so
+    no test metric can change what is chosen. Ties: the configuration with more replicates, then the
+    smaller tuned values in sort order (deterministic, and never by a test number).
+    """
+    sign = 1.0 if metric.endswith(LOWER_IS_BETTER) else -1.0
+    view = df[[*arms, *tuned, metric]].copy()
+    view[tuned] = view[tuned].astype(str)
+    configs = (
+        view.groupby([*arms, *tuned], sort=True, dropna=False)[metric].agg(["mean", "count"]).reset_index()
+    )
+    configs["_key"] = sign * configs["mean"]
+    configs = configs.sort_values(["_key", "count"], ascending=[True, False], kind="stable")
+    rows = []
+    keep = pd.Series(False, index=df.index)
+    for arm, part in configs.groupby(arms, sort=True, dropna=False) if arms else [((), configs)]:
+        best = part.iloc[0]
+        if math.isnan(best["mean"]):
+            label = ", ".join(
+                f"{a}={v}" for a, v in zip(arms, arm if isinstance(arm, tuple) else (arm,), strict=True)
+            )
+            raise ReportError(
+                f"--select: no finished run of arm {label or 'all'} logged {metric!r}. Fix: let its tuning "
+                "runs finish (re-launch the sweep), or choose another metric"
+            )
+        chosen = {k: best[k] for k in (*arms, *tuned)}
+        rows.append(
+            {
+                **chosen,
+                "n": int(best["count"]),
+                f"{metric}_mean": float(best["mean"]),
+                "candidates": len(part),
+            }
+        )
+        mask = pd.Series(True, index=df.index)
+        for key, value in chosen.items():
+            mask &= df[key].astype(str) == str(value) if key in tuned else df[key] == value
+        keep |= mask
+    return df[keep], pd.DataFrame(rows)
+
+
+def with_test_cis(
+    choices: pd.DataFrame, selected: pd.DataFrame, arms: list[str], metrics: Sequence[str]
+) -> pd.DataFrame:
+    """``selection.csv``'s test columns: each chosen configuration's mean and 95 % CI per test metric
+    (computed after the choice, from the chosen runs only)."""
+    out = choices.copy()
+    for metric in metrics:
+        means, lows, highs = [], [], []
+        for _, row in choices.iterrows():
+            mask = pd.Series(True, index=selected.index)
+            for key in arms:
+                mask &= selected[key] == row[key]
+            values = selected.loc[mask, metric].tolist()
+            low, high = ci95(values)
+            means.append(float(np.nanmean(values)) if values else math.nan)
+            lows.append(low)
+            highs.append(high)
+        out[f"{metric}_mean"], out[f"{metric}_ci95_low"], out[f"{metric}_ci95_high"] = means, lows, highs
+    return out

@@ -1,0 +1,170 @@
+"""Selection on validation (``report --select``), confidence intervals and Holm's correction."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
+
+from transferlab import report
+from transferlab.report_ci import ci95, holm
+from transferlab.report_select import select
+from transferlab.report_stats import ReportError
+
+from .conftest import TINY, store_overrides
+from .test_report import _launch
+
+
+def test_holm_equals_statsmodels() -> None:
+    rng = np.random.default_rng(3)
+    for p in ([0.01, 0.04, 0.03, 0.005], rng.uniform(0, 0.2, 9).tolist(), [0.5], [0.02, 0.02, 0.9]):
+        assert holm(p) == pytest.approx(multipletests(p, method="holm")[1].tolist())
+    # A comparison with no test (fewer than two pairs) is no member of the family.
+    assert holm([0.01, math.nan, 0.04]) == pytest.approx([0.02, math.nan, 0.04], nan_ok=True)
+
+
+def test_ci95_equals_scipy_t_interval() -> None:
+    values = [0.861, 0.874, 0.869, 0.858]
+    expected = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert ci95(values) == pytest.approx(expected)
+    assert all(math.isnan(v) for v in ci95([0.9]))
+
+
+def _frame() -> pd.DataFrame:
+    """Two arms x three lrs x three seeds, with validation and test numbers that disagree."""
+    rows = []
+    val = {
+        ("feature_extract", "0.01"): 0.80,
+        ("feature_extract", "0.001"): 0.84,
+        ("feature_extract", "0.1"): 0.70,
+    }
+    val |= {("full_finetune", "0.01"): 0.88, ("full_finetune", "0.001"): 0.86, ("full_finetune", "0.1"): 0.50}
+    for (mode, lr), v in val.items():
+        for seed in range(3):
+            rows.append(
+                {
+                    "mode": mode,
+                    "optimizer.lr": lr,
+                    "seed": seed,
+                    "best_val_accuracy": v + 0.01 * seed,
+                    "test_accuracy": 0.5 + 0.1 * seed,
+                    "run_id": f"{mode}-{lr}-{seed}",
+                }  # fmt: skip
+            )
+    return pd.DataFrame(rows)
+
+
+def test_selection_reads_validation_only() -> None:
+    df = _frame()
+    chosen, choices = select(df, ["mode"], ["optimizer.lr"], "best_val_accuracy")
+    assert choices.set_index("mode")["optimizer.lr"].to_dict() == {
+        "feature_extract": "0.001",
+        "full_finetune": "0.01",
+    }
+    assert set(choices["n"]) == {3} and set(choices["candidates"]) == {3}
+    assert sorted(chosen["run_id"]) == sorted(
+        [f"feature_extract-0.001-{s}" for s in range(3)] + [f"full_finetune-0.01-{s}" for s in range(3)]
+    )
+    # Only the test numbers change (the worst configs now test best): nothing chosen may change.
+    shuffled = df.assign(test_accuracy=np.where(df["best_val_accuracy"] < 0.75, 0.99, 0.1))
+    again, choices_again = select(shuffled, ["mode"], ["optimizer.lr"], "best_val_accuracy")
+    pd.testing.assert_frame_equal(choices, choices_again)
+    assert sorted(again["run_id"]) == sorted(chosen["run_id"])
+    # A loss is minimised.
+    losses = df.assign(best_val_loss=1 - df["best_val_accuracy"])
+    _, by_loss = select(losses, ["mode"], ["optimizer.lr"], "best_val_loss")
+    assert by_loss["optimizer.lr"].tolist() == choices["optimizer.lr"].tolist()
+
+
+@pytest.fixture(scope="module")
+def tuned_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real tiny sweep: two modes x two lrs x two seeds, the lr declared as tuned."""
+    root = tmp_path_factory.mktemp("tuned")
+    code = _launch(
+        "-m", *TINY, *store_overrides(root), "mlflow.experiment_name=tuned", "trainer.epochs=1",
+        "mode=feature_extract,full_finetune", "optimizer.lr=0.001,0.01", "seed=0,1", "sweep.tune=[optimizer.lr]",
+    )  # fmt: skip
+    assert code == 0
+    return root
+
+
+def test_report_select_keeps_each_arms_best_lr_on_validation(
+    tuned_sweep: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "r"
+    args = ["--experiment", "tuned", "--tracking-uri", f"sqlite:///{tuned_sweep}/mlflow.db", "--no-log"]
+    assert (
+        report.main([*args, "--out", str(out), "--select", "best_val_accuracy", "--reference", "paper=50"])
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "Selected on validation: per arm, the optimizer.lr with the best mean best_val_accuracy" in text
+    mlflow.set_tracking_uri(f"sqlite:///{tuned_sweep}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["tuned"])
+    jobs = runs[runs["tags.sweep.role"] != "parent"]
+    selection = pd.read_csv(out / "selection.csv", dtype={"optimizer.lr": str})
+    assert len(selection) == 2 and set(selection["n"]) == {2}
+    for _, row in selection.iterrows():
+        arm = jobs[jobs["params.mode.name"] == row["mode"]]
+        means = arm.groupby("params.optimizer.lr")["metrics.best_val_accuracy"].mean()
+        assert means[row["optimizer.lr"]] == means.max() == pytest.approx(row["best_val_accuracy_mean"])
+        picked = arm[arm["params.optimizer.lr"] == row["optimizer.lr"]]["metrics.test_accuracy"]
+        assert row["test_accuracy_mean"] == pytest.approx(picked.mean())
+        assert (row["test_accuracy_ci95_low"], row["test_accuracy_ci95_high"]) == pytest.approx(
+            ci95(picked.tolist())
+        )
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 2 and set(summary["n"]) == {2}  # the chosen configuration's runs only
+    paired = pd.read_csv(out / "paired.csv")
+    assert {"test_accuracy_p", "test_accuracy_p_holm", "test_accuracy_diff_ci95_low"} <= set(paired.columns)
+    assert "best group here (on validation)" in text
+
+    # Bad input: one line, exit 2, nothing written.
+    for extra, needle in (
+        (["--select", "test_accuracy"], "is not a validation metric"),
+        (["--select", "best_val_nothing"], "no run logged 'best_val_nothing'"),
+        (
+            ["--select", "best_val_accuracy", "--tune", "optimizer.weight_decay"],
+            "'optimizer.weight_decay' was not swept",
+        ),
+        (["--tune", "optimizer.lr"], "--tune: only with --select"),
+    ):
+        bad = tmp_path / "bad"
+        assert report.main([*args, "--out", str(bad), *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+        assert not bad.exists()
+
+
+def test_the_reference_row_is_the_best_group_on_validation() -> None:
+    from transferlab.report_render import compare
+    from transferlab.report_stats import Reference
+
+    stats_ = pd.DataFrame(
+        {
+            "mode": ["a", "b"],
+            "n": [3, 3],
+            "best_val_accuracy_mean": [0.9, 0.8],
+            "best_val_accuracy_std": [0.01] * 2,
+            "test_accuracy_mean": [0.7, 0.95],
+            "test_accuracy_std": [0.01] * 2,
+        }  # fmt: skip
+    )
+    table = compare(stats_, ["mode"], [Reference("paper", 0.5)])
+    assert table.iloc[0]["best group here (on validation)"] == "a"  # not b, the better one on test
+
+
+def test_select_error_is_a_report_error() -> None:
+    with pytest.raises(ReportError, match="no finished run of arm mode=x"):
+        select(
+            pd.DataFrame({"mode": ["x"], "optimizer.lr": ["1"], "best_val_accuracy": [math.nan]}),
+            ["mode"],
+            ["optimizer.lr"],
+            "best_val_accuracy",
+        )

@@ -145,3 +145,73 @@ def test_every_data_schema_has_a_source_and_a_derived_schema_uses_its_parents() 
         cell_type: str = "mono"
 
     assert source_for(MonoElpv()) is SOURCES[ElpvDataConfig]
+
+
+# -- k-fold and data efficiency (the protocol's replicates and the crossover curve) ------------------
+
+
+def test_folds_partition_the_data_stratified_and_reproducibly() -> None:
+    cfg = SyntheticDataConfig(num_classes=3, images_per_class=20, folds=4)
+    raw = load_raw(cfg, "")
+    tests = []
+    for fold in range(4):
+        splits = make_splits(raw, SyntheticDataConfig(num_classes=3, images_per_class=20, folds=4, fold=fold))
+        parts = [set(splits.train), set(splits.val), set(splits.test)]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert len(parts[0] | parts[1] | parts[2]) == 60  # every image, once
+        counts = np.bincount(raw.labels[splits.test], minlength=3)
+        assert counts.max() - counts.min() <= 1  # stratified
+        tests.append(splits.test)
+    joined = np.concatenate(tests)
+    assert sorted(joined) == list(range(60))  # the test folds partition the data
+    again = make_splits(raw, SyntheticDataConfig(num_classes=3, images_per_class=20, folds=4, fold=2))
+    assert np.array_equal(again.test, tests[2])
+    other = make_splits(
+        raw, SyntheticDataConfig(num_classes=3, images_per_class=20, folds=4, fold=2, split_seed=7)
+    )
+    assert not np.array_equal(other.test, tests[2])
+
+
+def test_train_per_class_subsets_are_nested_and_leave_val_and_test_alone() -> None:
+    raw = load_raw(SyntheticDataConfig(num_classes=2, images_per_class=30), "")
+    full = make_splits(raw, SyntheticDataConfig(num_classes=2, images_per_class=30))
+    previous: set[int] = set()
+    for n in (2, 5, 10, 20):
+        splits = make_splits(raw, SyntheticDataConfig(num_classes=2, images_per_class=30, train_per_class=n))
+        assert np.bincount(raw.labels[splits.train]).tolist() == [n, n]
+        assert previous <= set(splits.train) <= set(full.train)  # nested as N grows
+        assert np.array_equal(splits.val, full.val) and np.array_equal(splits.test, full.test)
+        previous = set(splits.train)
+    with pytest.raises(
+        ConfigError, match="data.train_per_class: class 'class_0' has 20 training images, fewer than 21"
+    ):
+        make_splits(raw, SyntheticDataConfig(num_classes=2, images_per_class=30, train_per_class=21))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"folds": 1}, "data.folds: must be >= 2"),
+        ({"folds": 5, "fold": 5}, "data.fold: must be in 0..4"),
+        ({"fold": 1}, "data.fold: is 1 but data.folds is null"),
+        ({"train_per_class": 0}, "data.train_per_class: must be >= 1"),
+    ],
+)
+def test_bad_fold_settings(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        SyntheticDataConfig(**kwargs)
+
+
+def test_keys_added_later_leave_the_config_hash_alone_at_their_defaults(compose_cfg) -> None:
+    import dataclasses
+    import hashlib
+    import json
+
+    from transferlab.schemas import config_hash, semantic_config, to_typed
+
+    cfg = to_typed(compose_cfg("data=synthetic"))
+    tree = semantic_config(dataclasses.asdict(cfg))
+    assert not {"folds", "fold", "train_per_class"} & set(tree["data"])  # as before they existed
+    expected = hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert config_hash(cfg) == expected
+    assert config_hash(to_typed(compose_cfg("data=synthetic", "data.folds=5"))) != config_hash(cfg)

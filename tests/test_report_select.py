@@ -84,11 +84,12 @@ def test_selection_reads_validation_only() -> None:
 
 @pytest.fixture(scope="module")
 def tuned_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real tiny sweep: two modes x two lrs x two seeds, the lr declared as tuned."""
+    """A real tiny sweep: two modes x two lrs x two folds (the replicates), the lr declared as tuned."""
     root = tmp_path_factory.mktemp("tuned")
     code = _launch(
         "-m", *TINY, *store_overrides(root), "mlflow.experiment_name=tuned", "trainer.epochs=1",
-        "mode=feature_extract,full_finetune", "optimizer.lr=0.001,0.01", "seed=0,1", "sweep.tune=[optimizer.lr]",
+        "mode=feature_extract,full_finetune", "optimizer.lr=0.001,0.01", "data.folds=2", "data.fold=0,1",
+        "sweep.tune=[optimizer.lr]",
     )  # fmt: skip
     assert code == 0
     return root
@@ -123,6 +124,8 @@ def test_report_select_keeps_each_arms_best_lr_on_validation(
     assert len(summary) == 2 and set(summary["n"]) == {2}  # the chosen configuration's runs only
     paired = pd.read_csv(out / "paired.csv")
     assert {"test_accuracy_p", "test_accuracy_p_holm", "test_accuracy_diff_ci95_low"} <= set(paired.columns)
+    assert paired["n_pairs"].tolist() == [2]  # paired fold by fold (both at seed 0)
+    assert "data.fold" not in summary.columns  # a replicate, averaged over, never a row
     assert "best group here (on validation)" in text
 
     # Bad input: one line, exit 2, nothing written.

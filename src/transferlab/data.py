@@ -109,11 +109,45 @@ def _stratified_subset(indices: np.ndarray, labels: np.ndarray, n: int, seed: in
     return np.sort(subset)
 
 
+def _kfold(pool: np.ndarray, labels: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``data.folds=K``: the ``data.fold``-th of K stratified, seeded folds is the test part."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.split_seed)
+    train, test = list(folds.split(pool, labels[pool]))[cfg.fold]
+    return pool[train], pool[test]
+
+
+def _per_class(train: np.ndarray, raw: RawDataset, n: int, seed: int) -> np.ndarray:
+    """``data.train_per_class=N``: N training images of each class. One seeded order per class, of
+    which the first N are kept, so the subsets are nested as N grows (a curve over N is not resampling
+    noise)."""
+    rng = np.random.default_rng(seed)
+    kept = []
+    for label, name in enumerate(raw.classes):
+        own = np.sort(train[raw.labels[train] == label])
+        order = rng.permutation(len(own))  # drawn for every class whatever N is: nested subsets
+        if len(own) < n:
+            raise ConfigError(
+                "data.train_per_class",
+                f"class {name!r} has {len(own)} training images, fewer than {n}",
+                f"use at most data.train_per_class={len(own)} (the smallest class), or null for all",
+            )
+        kept.append(own[order[:n]])
+    return np.sort(np.concatenate(kept))
+
+
 def make_splits(raw: RawDataset, cfg: DataConfig) -> Splits:
-    """Stratified, seeded splits (Deitsch et al. 2019: 75/25 train/test), val carved from train."""
+    """Stratified, seeded splits (Deitsch et al. 2019: 75/25 train/test), val carved from train;
+    ``data.folds``: K-fold test parts instead; ``data.train_per_class``: fewer training images."""
     labels = raw.labels
     try:
-        if raw.given_splits is None:
+        if cfg.folds is not None:  # every image the run may use, whatever splits a source gives
+            given = raw.given_splits.values() if raw.given_splits is not None else [np.arange(len(labels))]
+            pool = np.sort(np.concatenate(list(given)))
+            pool = _stratified_subset(pool, labels, cfg.limit or len(pool), cfg.split_seed)
+            train, test = _kfold(pool, labels, cfg)
+        elif raw.given_splits is None:
             everything = _stratified_subset(
                 np.arange(len(labels)), labels, cfg.limit or len(labels), cfg.split_seed
             )
@@ -129,7 +163,7 @@ def make_splits(raw: RawDataset, cfg: DataConfig) -> Splits:
                 share = cfg.limit / (len(train) + len(test) + len(raw.given_splits.get("val", [])))
                 train = _stratified_subset(train, labels, max(2, int(len(train) * share)), cfg.split_seed)
                 test = _stratified_subset(test, labels, max(2, int(len(test) * share)), cfg.split_seed)
-        if raw.given_splits is not None and "val" in raw.given_splits:
+        if cfg.folds is None and raw.given_splits is not None and "val" in raw.given_splits:
             val = raw.given_splits["val"]
             if cfg.limit:
                 val = _stratified_subset(val, labels, max(2, int(len(val) * share)), cfg.split_seed)
@@ -139,11 +173,14 @@ def make_splits(raw: RawDataset, cfg: DataConfig) -> Splits:
             )
     except ValueError as exc:  # sklearn: a class too small to stratify
         raise ConfigError(
-            "data.limit",
+            "data.folds" if cfg.folds is not None else "data.limit",
             f"cannot split {raw.name} stratified ({exc})",
-            "use more images (raise data.limit) or fewer classes",
+            "use fewer folds, more images (raise data.limit) or fewer classes",
         ) from None
-    return Splits(np.sort(np.asarray(train)), np.sort(np.asarray(val)), np.sort(np.asarray(test)))
+    train = np.sort(np.asarray(train))
+    if cfg.train_per_class is not None:
+        train = _per_class(train, raw, cfg.train_per_class, cfg.split_seed)
+    return Splits(train, np.sort(np.asarray(val)), np.sort(np.asarray(test)))
 
 
 def storage_size(pre: Preprocess) -> int:

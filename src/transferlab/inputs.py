@@ -27,6 +27,7 @@ from transferlab.backbones import Preprocess
 from transferlab.cache import CACHE_FORMAT, Lookup, Meta, Tensors, TensorStore, write_error
 from transferlab.data import PreparedData, Splits, decode, prepare, storage_size
 from transferlab.schemas import DataConfig
+from transferlab.schemas.identity import drop_later_defaults
 from transferlab.sources.registry import source_for
 from transferlab.validate import BadImage
 from transferlab.versions import package_versions
@@ -92,7 +93,10 @@ def source_identity(cfg: DataConfig, data_dir: str) -> Meta | None:
 def input_key(cfg: DataConfig, pre: Preprocess, identity: Meta) -> Meta:
     # Everything prepare() reads: the selection (limit, split fractions and seed), labelling, and
     # preprocessing. Augmentation runs on the stored images later, so it is no part of the entry.
-    selection = {k: v for k, v in asdict(cfg).items() if k not in ("cache", "download")}
+    # The keys added later at their defaults are left out: the same images keep the same key.
+    selection = {
+        k: v for k, v in drop_later_defaults(asdict(cfg), "data.").items() if k not in ("cache", "download")
+    }
     return {
         "kind": "inputs",
         "format": CACHE_FORMAT,

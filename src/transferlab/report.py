@@ -42,7 +42,7 @@ from transferlab.report_render import (
     plot_curves,
     write_report,
 )
-from transferlab.report_select import REPLICATES, check_selection, with_test_cis
+from transferlab.report_select import check_selection, with_test_cis
 from transferlab.report_select import select as select_configs
 from transferlab.report_stats import (
     BASE,
@@ -50,6 +50,7 @@ from transferlab.report_stats import (
     METRICS,
     PAIRED,
     RANDOM_INIT,
+    REPLICATES,
     WEIGHTS,
     Analysis,
     Reference,

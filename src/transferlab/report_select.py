@@ -1,7 +1,8 @@
 """Selection on validation, and the statistics a reviewer asks for beside mean ± std.
 
 ``--select METRIC`` (a logged ``val_*`` or ``best_val_*`` metric): the swept axes split into the
-**tuned** ones (``--tune KEY,...``, or the sweep's ``sweep.tune``), the **replicates** (``seed``) and
+**tuned** ones (``--tune KEY,...``, or the sweep's ``sweep.tune``), the **replicates** (``seed``,
+``data.split_seed``, ``data.fold``) and
 the **arms** (everything else: mode, backbone, weights, augment, ...). Per arm, the tuned values whose
 mean METRIC over replicates is best are chosen, and only that configuration's runs are reported. Test
 metrics are never read on the way: :func:`select` sees only the arm, tuned and METRIC columns.
@@ -21,7 +22,6 @@ import pandas as pd
 from transferlab.report_ci import ci95
 from transferlab.report_stats import ReportError
 
-REPLICATES = ("seed",)
 LOWER_IS_BETTER = ("loss",)  # a selection metric ending so is minimised
 
 

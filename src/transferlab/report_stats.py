@@ -56,6 +56,8 @@ METRICS: dict[str, tuple[str, float, int]] = {
 # Derived here from what a run logged, never read from it.
 DERIVED = ("train_time_s", "feature_pass_s", "from_scratch_s")
 PAIRED = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1")
+# Replicates: runs that differ only in these are averaged (and paired by them), never compared.
+REPLICATES = ("seed", "data.split_seed", "data.fold")
 BASE = "feature_extract"  # every other mode is reported as its difference to this one
 DIAL = ("partial", "lp_ft", "full_finetune")  # the order of the dial: least to most of the backbone trained
 WEIGHTS, RANDOM_INIT = "backbone.weights", "null"  # the random-init control is paired against pretrained
@@ -173,7 +175,7 @@ def _semantic_params(run: Run) -> dict[str, str]:
     return {
         k: v
         for k, v in run.data.params.items()
-        if k != "seed"
+        if k not in REPLICATES
         and not k.startswith("stage.")
         and not any(k == n or k.startswith(f"{n}.") for n in NOT_SEMANTIC)
     }
@@ -187,7 +189,7 @@ def hidden_axes(runs: list[Run], axes: list[str]) -> list[str]:
     """
     groups: dict[tuple[str, ...], list[dict[str, str]]] = {}
     for run in runs:
-        key = tuple(axis_value(run, a) for a in axes if a != "seed")
+        key = tuple(axis_value(run, a) for a in axes if a not in REPLICATES)
         groups.setdefault(key, []).append(_semantic_params(run))
     varying: list[str] = []
     for params in groups.values():
@@ -227,6 +229,10 @@ def runs_frame(runs: list[Run], axes: list[str], extra: Sequence[str] = ()) -> p
         row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name}
         row |= {a: axis_value(run, a) for a in axes if a != "seed"}
         row["seed"] = int(run.data.params.get("seed", -1))
+        # What pairs two arms' runs: the same seed, split seed and fold (those that were swept).
+        row["replicate"] = ",".join(
+            [f"seed={row['seed']}", *(f"{a}={row[a]}" for a in REPLICATES[1:] if a in axes)]
+        )
         row["status"] = run.info.status
         row |= {m: run.data.metrics.get(m, math.nan) for m in METRICS if m not in DERIVED}
         row |= cost_columns(run.data.metrics)
@@ -283,7 +289,11 @@ def _paired_stats(part: pd.DataFrame, axis: str, treated: str, base: str) -> dic
     if treated != base and {treated, base} <= set(part[axis]):
         # dropna=False: a metric one side never logged stays a NaN column (its pairs drop), not a KeyError.
         wide = part.pivot_table(
-            index="seed", columns=axis, values=list(PAIRED), aggfunc="first", dropna=False
+            index="replicate" if "replicate" in part.columns else "seed",  # a frame of seeds alone
+            columns=axis,
+            values=list(PAIRED),
+            aggfunc="first",
+            dropna=False,
         )
         # Only this pair's columns: a seed another value lacks must not drop this pair.
         pairs = wide[[(m, x) for m in PAIRED for x in (treated, base)]].dropna()
@@ -405,7 +415,7 @@ class Analysis:
 
 def analyse(df: pd.DataFrame, failed: pd.DataFrame, axes: list[str], extra: list[str]) -> Analysis:
     """The summary and the paired tables of the FINISHED runs ``df`` (``runs_frame``) over ``axes``."""
-    groups = [a for a in axes if a != "seed"]
+    groups = [a for a in axes if a not in REPLICATES]
     stats = summary(df, groups)
     pairable, pair_notes = broadcast_base(df, extra) if "mode" in groups else (df, [])
     diffs = paired(pairable, groups)

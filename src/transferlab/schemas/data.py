@@ -32,6 +32,14 @@ class DataConfig:
     split_seed: int = 42
     # Keep the decoded, resized images under paths.cache_dir/inputs: later runs skip decoding.
     cache: bool = True
+    # K-fold: data.folds=K rotates the test part over K stratified folds (seeded by split_seed),
+    # data.fold=0..K-1 picks it; validation is carved from the other folds. None: one test split
+    # (test_fraction). Folds and split seeds are replicates in the report, like seeds.
+    folds: int | None = None
+    fold: int = 0
+    # Keep this many training images per class (stratified, seeded by split_seed, nested as it grows);
+    # validation and test stay as they are. None: every training image.
+    train_per_class: int | None = None
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 4:
@@ -43,6 +51,24 @@ class DataConfig:
         fraction("data.test_fraction", self.test_fraction)
         fraction("data.val_fraction", self.val_fraction)
         seed_range("data.split_seed", self.split_seed)
+        if self.folds is not None and self.folds < 2:
+            raise ConfigError(
+                "data.folds", f"must be >= 2 or null, got {self.folds}", "use e.g. data.folds=5"
+            )
+        if self.folds is None and self.fold != 0:
+            raise ConfigError("data.fold", f"is {self.fold} but data.folds is null", "set data.folds=K too")
+        if self.folds is not None and not 0 <= self.fold < self.folds:
+            raise ConfigError(
+                "data.fold",
+                f"must be in 0..{self.folds - 1} (data.folds={self.folds}), got {self.fold}",
+                f"use data.fold=0..{self.folds - 1}",
+            )
+        if self.train_per_class is not None and self.train_per_class < 1:
+            raise ConfigError(
+                "data.train_per_class",
+                f"must be >= 1 or null, got {self.train_per_class}",
+                "use e.g. data.train_per_class=10, or null for every training image",
+            )
 
 
 def _named(key: str, value: str, expected: str) -> None:

@@ -26,9 +26,31 @@ NOT_SEMANTIC = (
 )
 
 
+# Keys added after runs were logged, at the value that means "not used": left out of the identity, so
+# a config that does not use them keeps the config hash (sweep resume, checkpoints) and the
+# decoded-input cache key it had before they existed.
+LATER_DEFAULTS: dict[str, Any] = {"data.folds": None, "data.fold": 0, "data.train_per_class": None}
+
+
+def drop_later_defaults(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``tree`` (a copy) without the :data:`LATER_DEFAULTS` keys that hold their default; ``prefix``:
+    where ``tree`` sits in the root config (``"data."`` for a data config alone)."""
+    tree = copy.deepcopy(tree)
+    for dotted, default in LATER_DEFAULTS.items():
+        if not dotted.startswith(prefix):
+            continue
+        *parents, leaf = dotted.removeprefix(prefix).split(".")
+        node = tree
+        for key in parents:
+            node = node.get(key, {})
+        if leaf in node and node[leaf] == default:
+            node.pop(leaf)
+    return tree
+
+
 def semantic_config(tree: dict[str, Any]) -> dict[str, Any]:
     """A copy of a resolved config tree without :data:`NOT_SEMANTIC` keys (and Hydra's own node)."""
-    tree = copy.deepcopy(tree)
+    tree = drop_later_defaults(tree)
     tree.pop("hydra", None)
     for dotted in NOT_SEMANTIC:
         *parents, leaf = dotted.split(".")

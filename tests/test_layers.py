@@ -54,6 +54,7 @@ LAYERS: dict[str, int] = {
     "transferlab.bench": 3,
     "transferlab.demo": 3,
     "transferlab.predict": 3,
+    "transferlab.replicate": 3,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -67,7 +68,9 @@ def test_selection_reads_validation_only() -> None:
         "feature_extract": "0.001",
         "full_finetune": "0.01",
     }
-    assert set(choices["n"]) == {3} and set(choices["candidates"]) == {3}
+    assert (
+        set(choices["n"]) == {3} and set(choices["candidates"]) == {3} and set(choices["selected_on"]) == {3}
+    )
     assert sorted(chosen["run_id"]) == sorted(
         [f"feature_extract-0.001-{s}" for s in range(3)] + [f"full_finetune-0.01-{s}" for s in range(3)]
     )
@@ -76,6 +79,15 @@ def test_selection_reads_validation_only() -> None:
     again, choices_again = select(shuffled, ["mode"], ["optimizer.lr"], "best_val_accuracy")
     pd.testing.assert_frame_equal(choices, choices_again)
     assert sorted(again["run_id"]) == sorted(chosen["run_id"])
+    # Replicating the winner of one arm on more seeds never moves the choice, however they score.
+    more = df[(df["mode"] == "feature_extract") & (df["optimizer.lr"] == "0.001")].assign(
+        seed=lambda d: d["seed"] + 10, best_val_accuracy=0.0, run_id=lambda d: d["run_id"] + "-again"
+    )
+    _, after = select(
+        pd.concat([df, more], ignore_index=True), ["mode"], ["optimizer.lr"], "best_val_accuracy"
+    )
+    assert after["optimizer.lr"].tolist() == choices["optimizer.lr"].tolist()
+    assert after.set_index("mode").loc["feature_extract", "n"] == 6 and set(after["selected_on"]) == {3}
     # A loss is minimised.
     losses = df.assign(best_val_loss=1 - df["best_val_accuracy"])
     _, by_loss = select(losses, ["mode"], ["optimizer.lr"], "best_val_loss")
@@ -164,10 +176,58 @@ def test_the_reference_row_is_the_best_group_on_validation() -> None:
 
 
 def test_select_error_is_a_report_error() -> None:
-    with pytest.raises(ReportError, match="no finished run of arm mode=x"):
+    with pytest.raises(ReportError, match="arm mode=x has no replicate at which every tuned configuration"):
         select(
-            pd.DataFrame({"mode": ["x"], "optimizer.lr": ["1"], "best_val_accuracy": [math.nan]}),
+            pd.DataFrame({"mode": ["x"], "optimizer.lr": ["1"], "seed": [0], "best_val_accuracy": [math.nan]}),
             ["mode"],
             ["optimizer.lr"],
             "best_val_accuracy",
         )
+
+
+def test_replicate_launches_exactly_each_arms_winner_and_resumes(tuned_sweep: Path, capsys) -> None:
+    """Last in this module: it adds runs to the shared sweep."""
+    from transferlab import replicate
+
+    uri = f"sqlite:///{tuned_sweep}/mlflow.db"
+    args = ["--experiment", "tuned", "--select", "best_val_accuracy", "--tracking-uri", uri]
+    assert replicate.main([*args, "trainer.epochs=1"]) == 2  # no replicate named: nothing launched
+    assert "no replicate among the overrides" in capsys.readouterr().err
+    assert replicate.main([*args, "seed=1", "--dry-run"]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert len(printed) == 2 and all("seed=1" in line and "seed=0" not in line for line in printed)
+
+    chosen = pd.read_csv(Path(_selection(uri)) / "selection.csv", dtype={"optimizer.lr": str})
+    launched: list[list[str]] = []
+
+    def in_process(command: list[str]) -> int:  # the real multirun, in this process (no 10 s import)
+        launched.append(command)
+        return _launch(*command[3:])
+
+    assert replicate.main([*args, "seed=1"], launch=in_process) == 0
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["tuned"])
+    jobs = runs[runs["tags.sweep.role"] != "parent"]
+    new = jobs[jobs["params.seed"] == "1"]
+    assert sorted(
+        zip(new["params.mode.name"], new["params.optimizer.lr"], new["params.data.fold"], strict=True)
+    ) == sorted(
+        (m, lr, f) for m, lr in zip(chosen["mode"], chosen["optimizer.lr"], strict=True) for f in ("0", "1")
+    )
+    assert set(new["status"]) == {"FINISHED"}
+    # The report over tuning and replicates: the same choice (made on the tuning replicate alone).
+    after = pd.read_csv(Path(_selection(uri)) / "selection.csv", dtype={"optimizer.lr": str})
+    assert after["optimizer.lr"].tolist() == chosen["optimizer.lr"].tolist() and set(after["n"]) == {4}
+    assert set(after["selected_on"]) == {2}
+    # Relaunched: every job FINISHED already, nothing trains again.
+    assert replicate.main([*args, "seed=1"], launch=in_process) == 0
+    assert len(mlflow.search_runs(experiment_names=["tuned"]).query("`tags.sweep.role` != 'parent'")) == len(
+        jobs
+    )
+
+
+def _selection(uri: str) -> str:
+    out = tempfile.mkdtemp()
+    assert report.main(["--experiment", "tuned", "--tracking-uri", uri, "--no-log", "--out", out,
+                        "--select", "best_val_accuracy"]) == 0  # fmt: skip
+    return out

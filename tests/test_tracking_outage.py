@@ -124,6 +124,8 @@ def test_a_replayed_spool_sends_each_kept_value_once_and_drops_epochs_to_train_a
     assert history == [(0, 0.5), (1, 0.4)]
 
 
+@pytest.mark.slow  # about 60 s (a real server started twice): CI runs it with the guarantees
+@pytest.mark.guarantee
 def test_a_run_stopped_by_the_outage_limit_mid_training_resumes_with_one_value_per_step(
     tmp_path: Path, run_cli
 ) -> None:

@@ -52,46 +52,57 @@ def check_selection(df: pd.DataFrame, metric: str, tuned: list[str], axes: list[
 def select(
     df: pd.DataFrame, arms: list[str], tuned: list[str], metric: str
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per arm, the tuned values with the best mean ``metric`` over replicates.
+    """Per arm, the tuned values with the best mean ``metric`` over the replicates every candidate has.
 
-    Returns the runs of the chosen configurations and one row per arm (arm axes, chosen tuned values,
-    ``n``, ``<metric>_mean``, ``candidates``). Only the arm, tuned and ``metric`` columns are read, so
-    no test metric can change what is chosen. Ties: the configuration with more replicates, then the
-    smaller tuned values in sort order (deterministic, and never by a test number).
+    Candidates are compared on equal terms: only on the replicates (seed, split seed, fold) that all
+    of the arm's tuned configurations ran, i.e. the tuning sweep's; runs that replicate the winner
+    afterwards (``transferlab.replicate``) never move the choice. Returns the runs of the chosen
+    configurations (all their replicates) and one row per arm (arm axes, chosen tuned values, ``n``
+    runs, ``<metric>_mean`` on the compared replicates, ``selected_on`` their number, ``candidates``).
+    Only the arm, tuned, replicate and ``metric`` columns are read, so no test metric can change what
+    is chosen. Ties: more compared runs, then the smaller tuned values in sort order.
     """
     sign = 1.0 if metric.endswith(LOWER_IS_BETTER) else -1.0
-    view = df[[*arms, *tuned, metric]].copy()
+    replicate = "replicate" if "replicate" in df.columns else "seed"
+    view = df[[*arms, *tuned, metric, replicate]].copy()
     view[tuned] = view[tuned].astype(str)
-    configs = (
-        view.groupby([*arms, *tuned], sort=True, dropna=False)[metric].agg(["mean", "count"]).reset_index()
-    )
-    configs["_key"] = sign * configs["mean"]
-    configs = configs.sort_values(["_key", "count"], ascending=[True, False], kind="stable")
     rows = []
     keep = pd.Series(False, index=df.index)
-    for arm, part in configs.groupby(arms, sort=True, dropna=False) if arms else [((), configs)]:
-        best = part.iloc[0]
-        if math.isnan(best["mean"]):
-            label = ", ".join(
-                f"{a}={v}" for a, v in zip(arms, arm if isinstance(arm, tuple) else (arm,), strict=True)
-            )
-            raise ReportError(
-                f"--select: no finished run of arm {label or 'all'} logged {metric!r}. Fix: let its tuning "
-                "runs finish (re-launch the sweep), or choose another metric"
-            )
-        chosen = {k: best[k] for k in (*arms, *tuned)}
-        rows.append(
-            {
-                **chosen,
-                "n": int(best["count"]),
-                f"{metric}_mean": float(best["mean"]),
-                "candidates": len(part),
-            }
+    for arm, part in view.groupby(arms, sort=True, dropna=False) if arms else [((), view)]:
+        label = ", ".join(
+            f"{a}={v}" for a, v in zip(arms, arm if isinstance(arm, tuple) else (arm,), strict=True)
         )
+        measured = part.dropna(subset=[metric])
+        per_config = measured.groupby(tuned, sort=True)[replicate].agg(set)
+        common = set.intersection(*per_config) if len(per_config) else set()
+        if not common:
+            raise ReportError(
+                f"--select: arm {label or 'all'} has no replicate at which every tuned configuration "
+                f"finished and logged {metric!r}. Fix: let its tuning runs finish (re-launch the sweep)"
+            )
+        configs = (
+            measured[measured[replicate].isin(common)]
+            .groupby(tuned, sort=True)[metric]
+            .agg(["mean", "count"])
+        )
+        configs = configs.reset_index().assign(_key=lambda c: sign * c["mean"])
+        configs = configs.sort_values(["_key", "count"], ascending=[True, False], kind="stable")
+        best = configs.iloc[0]
+        chosen = dict(zip(arms, arm if isinstance(arm, tuple) else (arm,), strict=True))
+        chosen |= {k: best[k] for k in tuned}
         mask = pd.Series(True, index=df.index)
         for key, value in chosen.items():
             mask &= df[key].astype(str) == str(value) if key in tuned else df[key] == value
         keep |= mask
+        rows.append(
+            {
+                **chosen,
+                "n": int(mask.sum()),
+                f"{metric}_mean": float(best["mean"]),
+                "selected_on": len(common),
+                "candidates": len(configs),
+            }  # fmt: skip
+        )
     return df[keep], pd.DataFrame(rows)
 
 

@@ -47,16 +47,17 @@ def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
-def arm_overrides(logged: Sequence[str]) -> list[str]:
-    """A chosen run's overrides without its replicate keys and run-local settings."""
-    return [o for o in logged if _key(o) not in REPLICATES and not o.lstrip("+~").startswith(DROPPED)]
+def arm_overrides(logged: Sequence[str], replaced: set[str]) -> list[str]:
+    """A chosen run's overrides without the replicate keys given anew (``replaced``) and its run-local
+    settings (a replicate key it fixed and nobody replaces, say ``data.split_seed=7``, stays)."""
+    return [o for o in logged if _key(o) not in replaced and not o.lstrip("+~").startswith(DROPPED)]
 
 
 def commands(
     client: MlflowClient, experiment: str, select: str, tune: Sequence[str], extra: Sequence[str]
 ) -> list[list[str]]:
-    # The store the tuning sweep is read from is the store the replicates go to.
-    """One ``python -m transferlab.train -m ...`` per arm, from the runs ``--select`` chose."""
+    """One ``python -m transferlab.train -m ...`` per arm, from the runs ``--select`` chose; the store
+    the tuning sweep is read from is the store the replicates go to."""
     selection = select_experiment(client, experiment)
     if not selection.runs:
         raise ReportError(f"experiment {experiment!r} has no sweep jobs. Fix: run the tuning sweep first")
@@ -82,7 +83,7 @@ def commands(
         out.append(
             [
                 sys.executable, "-m", "transferlab.train", "-m",
-                *arm_overrides(logged.get("overrides", [])),
+                *arm_overrides(logged.get("overrides", []), named | {_key(o) for o in kept}),
                 f"mlflow.tracking_uri={client.tracking_uri}",
                 f"mlflow.experiment_name={experiment}",
                 f"sweep.name={json.dumps(f'replicate {label}')}",  # quoted: Hydra's override grammar

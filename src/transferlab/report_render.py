@@ -18,7 +18,17 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
-from transferlab.report_stats import BASE, METRICS, PAIRED, RANDOM_INIT, WEIGHTS, Analysis, Reference, _shown
+from transferlab.report_stats import (
+    BASE,
+    METRICS,
+    PAIRED,
+    RANDOM_INIT,
+    REPLICATES,
+    WEIGHTS,
+    Analysis,
+    Reference,
+    _shown,
+)
 
 # What the cost columns mean, under the summary table.
 COSTS = (
@@ -255,7 +265,14 @@ def write_report(
     grouped = f"{len(df)} FINISHED run(s) grouped by {', '.join(groups) or '(nothing swept)'}"
     if extra:
         grouped += f" ({', '.join(extra)}: not swept, but differ between runs of one group)"
-    parts = [f"# {title}", f"{grouped}; mean ± std (sample std over seeds) and n.", markdown(table), COSTS]
+    # The replicates averaged over (and paired by): the seed, and the split seed and fold where swept.
+    replicates = ", ".join(["seed", *(r for r in REPLICATES[1:] if r in df.columns)])
+    parts = [
+        f"# {title}",
+        f"{grouped}; replicates: {replicates}; mean ± std (sample std over replicates) and n.",
+        markdown(table),
+        COSTS,
+    ]
     if analysis.selection is not None:
         analysis.selection.to_csv(out / "selection.csv", index=False)
         metric = next(c for c in analysis.selection.columns if c.endswith("_mean") and "val_" in c)

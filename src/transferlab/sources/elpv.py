@@ -43,7 +43,7 @@ def load(cfg: ElpvDataConfig, data_dir: str = "", cache_dir: str | None = None) 
         with PIL.Image.open(src / paths[i]) as image:
             return np.asarray(image)
 
-    return RawDataset("elpv", read, labels, classes, str(src))
+    return RawDataset("elpv", read, labels, classes, str(src), sources=[str(src / p) for p in paths])
 
 
 def identity(cfg: ElpvDataConfig, data_dir: str) -> Meta:

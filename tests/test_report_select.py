@@ -178,7 +178,9 @@ def test_the_reference_row_is_the_best_group_on_validation() -> None:
 def test_select_error_is_a_report_error() -> None:
     with pytest.raises(ReportError, match="arm mode=x has no replicate at which every tuned configuration"):
         select(
-            pd.DataFrame({"mode": ["x"], "optimizer.lr": ["1"], "seed": [0], "best_val_accuracy": [math.nan]}),
+            pd.DataFrame(
+                {"mode": ["x"], "optimizer.lr": ["1"], "seed": [0], "best_val_accuracy": [math.nan]}
+            ),
             ["mode"],
             ["optimizer.lr"],
             "best_val_accuracy",
@@ -231,3 +233,23 @@ def _selection(uri: str) -> str:
     assert report.main(["--experiment", "tuned", "--tracking-uri", uri, "--no-log", "--out", out,
                         "--select", "best_val_accuracy"]) == 0  # fmt: skip
     return out
+
+
+def test_the_data_efficiency_plot_draws_each_arm_against_images_per_class(tmp_path: Path) -> None:
+    from transferlab.report_render import plot_efficiency
+
+    rows = []
+    for mode, base in (("feature_extract", 0.80), ("full_finetune", 0.70)):
+        for n, gain in (("10", 0.0), ("100", 0.1), ("30", 0.05), ("null", 0.15)):
+            mean = base + gain * (2.5 if mode == "full_finetune" else 1)
+            rows.append({"mode": mode, "data.train_per_class": n, "test_accuracy_mean": mean,
+                         "test_accuracy_ci95_low": mean - 0.02, "test_accuracy_ci95_high": mean + 0.02})  # fmt: skip
+    curves = plot_efficiency(pd.DataFrame(rows), ["mode", "data.train_per_class"], tmp_path / "e.png")
+    assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ft = curves["full_finetune"]
+    assert ft["_n"].tolist()[:3] == [10, 30, 100] and math.isnan(ft["_n"].iloc[3])  # N ascending, "all" apart
+    assert ft["test_accuracy_mean"].tolist() == pytest.approx([0.70, 0.825, 0.95, 1.075])
+    # The crossover: fine-tuning below feature extraction at 10 per class, above it at 100.
+    fe = curves["feature_extract"]
+    assert ft["test_accuracy_mean"].iloc[0] < fe["test_accuracy_mean"].iloc[0]
+    assert ft["test_accuracy_mean"].iloc[2] > fe["test_accuracy_mean"].iloc[2]

@@ -163,6 +163,57 @@ def plot_bars(
     plt.close(fig)
 
 
+EFFICIENCY = "data.train_per_class"  # the data-efficiency axis: training images per class
+
+
+def efficiency_curves(stats: pd.DataFrame, groups: list[str]) -> dict[str, pd.DataFrame]:
+    """Per arm (every group axis but ``data.train_per_class``): N, mean test accuracy and its 95 % CI,
+    N ascending; the runs with every training image (``null``) as N = NaN, drawn apart."""
+    others = [g for g in groups if g != EFFICIENCY]
+    frame = stats.assign(_n=pd.to_numeric(stats[EFFICIENCY], errors="coerce"))
+    columns = ["_n", "test_accuracy_mean", "test_accuracy_ci95_low", "test_accuracy_ci95_high"]
+    curves = {}
+    for _, part in frame.groupby(others, sort=True) if others else [((), frame)]:
+        curves[_label(part.iloc[0], others)] = part.sort_values("_n")[columns].reset_index(drop=True)
+    return curves
+
+
+def plot_efficiency(stats: pd.DataFrame, groups: list[str], path: Path) -> dict[str, pd.DataFrame]:
+    """The crossover plot: test accuracy (mean, 95 % CI band) against training images per class, one line
+    per arm, log axis; an arm's runs on every training image as a dashed line. Returns what it drew."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = efficiency_curves(stats, groups)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, curve in curves.items():
+        sized = curve.dropna(subset=["_n"])
+        (line,) = ax.plot(sized["_n"], sized["test_accuracy_mean"] * 100, marker="o", label=label)
+        ax.fill_between(
+            sized["_n"],
+            sized["test_accuracy_ci95_low"] * 100,
+            sized["test_accuracy_ci95_high"] * 100,
+            alpha=0.2,
+            color=line.get_color(),
+        )
+        for value in curve.loc[curve["_n"].isna(), "test_accuracy_mean"]:
+            ax.axhline(value * 100, color=line.get_color(), linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    sizes = sorted({float(n) for c in curves.values() for n in c["_n"].dropna()})
+    ax.set_xticks(sizes, [f"{n:g}" for n in sizes])  # the Ns run, not powers of ten
+    ax.minorticks_off()
+    ax.set_xlabel("training images per class (data.train_per_class; dashed: all)")
+    ax.set_ylabel("test acc (%)")
+    ax.set_title("Data efficiency: mean and 95 % CI over replicates")
+    ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return curves
+
+
 def plot_curves(client: MlflowClient, df: pd.DataFrame, groups: list[str], path: Path) -> None:
     """Validation accuracy per epoch, one panel per mode, mean ± std over seeds per other group."""
     import matplotlib
@@ -320,9 +371,16 @@ def write_report(
             "accuracy is read after that choice.",
             markdown(compare(stats, groups, references)),
         ]
+    if EFFICIENCY in groups:
+        parts.append(
+            "Data efficiency: `data_efficiency.png` plots test accuracy (mean, 95 % CI band) against "
+            "training images per class for each arm, on a log axis."
+        )
     text = "\n\n".join(parts) + failures_section(analysis.failed) + "\n"
     (out / "report.md").write_text(text)
     (out / "report.tex").write_text("\n\n".join(tex))
+    if EFFICIENCY in groups:
+        plot_efficiency(stats, groups, out / "data_efficiency.png")
     plot_bars(stats, groups, "test_accuracy", out / "test_accuracy.png", references)
     plot_bars(stats, groups, "wall_time_s", out / "wall_time.png")
     plot_curves(client, df, groups, out / "val_curves.png")

@@ -131,3 +131,22 @@ def runner_for_config(cfg, data_dir: str, features_root: Path | None = None):  #
     features = FeatureCache(features_root, built) if features_root is not None else None
     stage = cfg.mode.stages(cfg.trainer.epochs, cfg.optimizer.lr)[-1]
     return make_runner(model, data, cfg.trainer, cfg.seed, cfg.augment, stage, features), features
+
+
+def launch(*args: str) -> int:
+    """``python -m transferlab.train ARGS`` (a multirun with ``-m``) in this process, outside a
+    test's own fixtures (module-scoped fixtures launch sweeps with it); returns the exit code."""
+    from transferlab import train
+
+    GlobalHydra.instance().clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["transferlab.train", *args])
+        try:
+            train.main()
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        finally:
+            GlobalHydra.instance().clear()
+            while mlflow.active_run():
+                mlflow.end_run()
+    return 0

@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -36,26 +35,9 @@ from transferlab import model_store, predict, report
 from transferlab.data import load_raw, make_splits
 from transferlab.schemas import ImageFolderDataConfig
 
-from .conftest import TINY, store_overrides
+from .conftest import TINY, launch, store_overrides
 
 CLASSES = ("bright", "dark")
-
-
-def _launch(*args: str) -> int:
-    from transferlab import train
-
-    GlobalHydra.instance().clear()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["transferlab.train", *args])
-        try:
-            train.main()
-        except SystemExit as exc:
-            return int(exc.code or 0)
-        finally:
-            GlobalHydra.instance().clear()
-            while mlflow.active_run():
-                mlflow.end_run()
-    return 0
 
 
 def _images(root: Path, per_class: int = 24) -> None:
@@ -81,7 +63,7 @@ class Trained:
         return [*store_overrides(self.root), f"data.root={self.images}", "data=imagefolder"]
 
     def run(self, experiment: str, *overrides: str) -> str:
-        assert _launch(*TINY, *self.store(), f"mlflow.experiment_name={experiment}", *overrides) == 0
+        assert launch(*TINY, *self.store(), f"mlflow.experiment_name={experiment}", *overrides) == 0
         mlflow.set_tracking_uri(self.uri)
         runs = mlflow.search_runs(experiment_names=[experiment], order_by=["start_time DESC"])
         return str(runs.iloc[0]["run_id"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,40 +9,22 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 from mlflow import MlflowClient
 from scipy.stats import ttest_rel
 
 from transferlab import report
 
-from .conftest import TINY, store_overrides
+from .conftest import TINY, launch, store_overrides
 
 EXPERIMENT = "elpv_fe_vs_ft"
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def _launch(*args: str) -> int:
-    from transferlab import train
-
-    GlobalHydra.instance().clear()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["transferlab.train", *args])
-        try:
-            train.main()
-        except SystemExit as exc:
-            return int(exc.code or 0)
-        finally:
-            GlobalHydra.instance().clear()
-            while mlflow.active_run():
-                mlflow.end_run()
-    return 0
 
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
     """The experiment's sweep on a tiny model: mode x seed 0,1 x data.limit (4 fails: too few images)."""
     root = tmp_path_factory.mktemp("swept")
-    code = _launch(
+    code = launch(
         "-m",
         f"experiment={EXPERIMENT}",
         *TINY,

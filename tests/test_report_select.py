@@ -18,8 +18,7 @@ from transferlab.report_ci import ci95, holm
 from transferlab.report_select import select
 from transferlab.report_stats import ReportError
 
-from .conftest import TINY, store_overrides
-from .test_report import _launch
+from .conftest import TINY, launch, store_overrides
 
 
 def test_holm_equals_statsmodels() -> None:
@@ -98,7 +97,7 @@ def test_selection_reads_validation_only() -> None:
 def tuned_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real tiny sweep: two modes x two lrs x two folds (the replicates), the lr declared as tuned."""
     root = tmp_path_factory.mktemp("tuned")
-    code = _launch(
+    code = launch(
         "-m", *TINY, *store_overrides(root), "mlflow.experiment_name=tuned", "trainer.epochs=1",
         "mode=feature_extract,full_finetune", "optimizer.lr=0.001,0.01", "data.folds=2", "data.fold=0,1",
         "sweep.tune=[optimizer.lr]",
@@ -204,7 +203,7 @@ def test_replicate_launches_exactly_each_arms_winner_and_resumes(tuned_sweep: Pa
 
     def in_process(command: list[str]) -> int:  # the real multirun, in this process (no 10 s import)
         launched.append(command)
-        return _launch(*command[3:])
+        return launch(*command[3:])
 
     assert replicate.main([*args, "seed=1"], launch=in_process) == 0
     mlflow.set_tracking_uri(uri)

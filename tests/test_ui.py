@@ -22,8 +22,8 @@ import pytest
 
 from transferlab.tracking import ui_link
 
-from .conftest import TINY, store_overrides
-from .test_predict import _free_port, _launch
+from .conftest import TINY, launch, store_overrides
+from .test_predict import _free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -58,7 +58,7 @@ def _browser(url: str, *what: str) -> str:
 
 def test_an_experiment_opens_on_its_runs_with_the_sweep_tree(tmp_path: Path) -> None:
     store = store_overrides(tmp_path)
-    code = _launch("-m", *TINY, *store, "mlflow.experiment_name=ui_check", "sweep.name=ui-sweep", "seed=0,1")
+    code = launch("-m", *TINY, *store, "mlflow.experiment_name=ui_check", "sweep.name=ui-sweep", "seed=0,1")
     assert code == 0
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = mlflow.get_experiment_by_name("ui_check")

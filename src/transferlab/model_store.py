@@ -170,12 +170,17 @@ def check_run(client: MlflowClient, run_id: str, named: str) -> Any:
             f"run {run_id} ({named}) is {run.info.status}: only a finished run has a tested model",
             "finish it (relaunch its command: it resumes) or pass another run",
         )
+    return require_model(client, run, "SOURCE", f"run {run_id}")
+
+
+def require_model(client: MlflowClient, run: Any, key: str, what: str) -> Any:
+    """The run's logged model, or one line naming ``key`` and the rerun that logs one."""
     model = logged_model(client, run)
     if model is None:
         raise ModelSourceError(
-            "SOURCE",
-            f"run {run_id} has no model (logged before runs logged one)",
-            f"rerun it with python -m transferlab.reproduce {run_id}, whose run logs one",
+            key,
+            f"{what} has no model (logged before runs logged one)",
+            f"rerun it with python -m transferlab.reproduce {run.info.run_id}, whose run logs one",
         )
     return model
 
@@ -250,13 +255,7 @@ def best_run(runs: list[Any]) -> Any:
 def register(client: MlflowClient, run: Any, name: str, why: str) -> Any:
     """A new version of ``name`` from ``run``'s model, tagged, with the alias moved to it; older
     versions stay. Returns the version."""
-    model = logged_model(client, run)
-    if model is None:
-        raise ModelSourceError(
-            "--register",
-            f"the selected run {run.info.run_id} has no model (logged before runs logged one)",
-            f"rerun it with python -m transferlab.reproduce {run.info.run_id}, then register again",
-        )
+    model = require_model(client, run, "--register", f"the selected run {run.info.run_id}")
     tags = {k: f"{v:.6g}" for k, v in run.data.metrics.items() if k.startswith("test_")}
     tags |= {
         "config_hash": run.data.tags.get("config_hash", ""),

@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 "--batch-size", f"must be >= 1, got {args.batch_size}", "use e.g. --batch-size 32"
             )
+        if args.out is not None and not args.out.parent.is_dir():
+            raise ConfigError("--out", f"{args.out.parent} is not a folder", "create it, or write elsewhere")
         files = expand(args.paths)
         uri = args.tracking_uri or default_tracking_uri()
         if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():

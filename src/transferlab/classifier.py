@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import yaml
 from omegaconf import OmegaConf
-from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -190,6 +189,4 @@ def _chunks(items: Iterable, size: int) -> Iterator[tuple]:
 
 def decode_bytes(data: bytes) -> np.ndarray:
     """Encoded image bytes -> the uint8 array training would have decoded from the same file."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return validate.to_array(im)
+    return validate.load_image(io.BytesIO(data))

@@ -27,12 +27,14 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from PIL import Image
+from safetensors.torch import load_file
 
 from transferlab import model_code
 from transferlab.backbones import Preprocess
-from transferlab.classifier import FILES, ModelFilesError, write_files
+from transferlab.classifier import FILES, WEIGHTS, ModelFilesError, check_folder, write_files
 from transferlab.pyfunc import IMAGE
 from transferlab.schemas import ConfigError
+from transferlab.sweep import CONFIG_HASH
 from transferlab.versions import package_versions
 
 ARTIFACT = "model"  # the model's name in the run (runs:/<id>/model)
@@ -213,8 +215,6 @@ def fetch(client: MlflowClient, source: Source, dst: Path) -> Path:
             f"cannot download {source.uri} ({str(exc).splitlines()[0][:200]})",
             "check --tracking-uri",
         ) from None
-    from transferlab.classifier import check_folder
-
     check_folder(folder, allowed_files(), f"{source.named} ({source.uri})")
     missing = [n for n in FILES if not (folder / "artifacts" / n).is_file()]
     if missing:
@@ -228,10 +228,6 @@ def fetch(client: MlflowClient, source: Source, dst: Path) -> Path:
 
 def load_weights(client: MlflowClient, run_id: str, dst: Path) -> dict[str, torch.Tensor]:
     """A finished run's tested weights, as plain tensors (the model folder checked first)."""
-    from safetensors.torch import load_file
-
-    from transferlab.classifier import WEIGHTS
-
     return load_file(str(fetch(client, resolve(client, run_id), dst) / WEIGHTS))
 
 
@@ -258,7 +254,7 @@ def register(client: MlflowClient, run: Any, name: str, why: str) -> Any:
     model = require_model(client, run, "--register", f"the selected run {run.info.run_id}")
     tags = {k: f"{v:.6g}" for k, v in run.data.metrics.items() if k.startswith("test_")}
     tags |= {
-        "config_hash": run.data.tags.get("config_hash", ""),
+        CONFIG_HASH: run.data.tags.get(CONFIG_HASH, ""),
         "experiment_id": run.info.experiment_id,
         "parent_run": run.data.tags.get(MLFLOW_PARENT_RUN_ID, ""),
         "selected_by": why,

@@ -25,23 +25,15 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from transferlab.schemas import ConfigError, repo_root
+from transferlab.schemas import ConfigError, default_tracking_uri
+from transferlab.validate import is_hidden, read_image
 
 CSV_COLUMN = "path"
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root()}/mlflow.db"
-
-
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def expand(paths: list[str]) -> list[Path]:
@@ -51,7 +43,7 @@ def expand(paths: list[str]) -> list[Path]:
     for given in paths:
         path = Path(given).expanduser()
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and not _is_hidden(p, path))
+            files += sorted(p for p in path.rglob("*") if p.is_file() and not is_hidden(p, path))
         elif path.suffix.lower() == ".csv" and path.is_file():
             with path.open(newline="") as f:
                 reader = csv.DictReader(f)
@@ -146,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
 
         from transferlab import model_store
         from transferlab.classifier import Classifier
-        from transferlab.validate import read_image
 
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(

@@ -20,7 +20,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from transferlab.classifier import WEIGHTS, Classifier, decode_bytes
+from transferlab.classifier import Classifier, decode_bytes
 
 IMAGE = "image"  # the input column: encoded image bytes (PNG, JPEG, ...), or the same as base64 text
 
@@ -79,4 +79,4 @@ class TransferlabModel(mlflow.pyfunc.PythonModel):
         return prediction_frame(self.classifier.classes, labels, probs)
 
 
-__all__ = ["IMAGE", "WEIGHTS", "TransferlabModel", "image_bytes", "prediction_frame"]
+__all__ = ["IMAGE", "TransferlabModel", "image_bytes", "prediction_frame"]

@@ -69,7 +69,7 @@ from transferlab.report_stats import (
     select_parent,
     summary,
 )
-from transferlab.schemas import repo_root
+from transferlab.schemas import default_tracking_uri, repo_root
 from transferlab.sweep import ROLE
 
 # What ``from transferlab import report`` offered before the split into report_stats and report_render.
@@ -110,10 +110,6 @@ __all__ = [
     "summary",
     "write_report",
 ]
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root()}/mlflow.db"
 
 
 def _check_store(uri: str) -> None:

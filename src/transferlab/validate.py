@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -70,8 +71,9 @@ def _palette_is_grey(im: Image.Image) -> bool:
     return bool(len(triples)) and bool((triples == triples[:, :1]).all())
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Decode one file fully (a truncated file raises here, not in training)."""
+def load_image(path: str | Path | BinaryIO) -> np.ndarray:
+    """Decode one file (or an open binary stream of one) fully (a truncated file raises here, not in
+    training)."""
     with warnings.catch_warnings():
         # "Palette images with Transparency expressed in bytes": handled by _flatten_alpha.
         warnings.simplefilter("ignore", UserWarning)

@@ -36,7 +36,7 @@ from transferlab.schemas.optimizer import (
     check_optimizer_target,
 )
 from transferlab.schemas.paths import PathsConfig
-from transferlab.schemas.root import TrainConfig, register_configs, repo_root, to_typed
+from transferlab.schemas.root import TrainConfig, default_tracking_uri, register_configs, repo_root, to_typed
 from transferlab.schemas.scheduler import SCHEDULER_SCHEMAS, SchedulerConfig, StepSchedulerConfig
 from transferlab.schemas.sweep import SweepConfig
 from transferlab.schemas.trainer import TrainerConfig
@@ -77,6 +77,7 @@ __all__ = [
     "config_hash",
     "register_configs",
     "repo_root",
+    "default_tracking_uri",
     "semantic_config",
     "to_typed",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,12 @@ def repo_root() -> str:
         if (parent / "conf").is_dir() and (parent / "pyproject.toml").is_file():
             return str(parent)
     return str(Path.cwd())
+
+
+def default_tracking_uri() -> str:
+    """The store the command-line tools read when given none: ``$MLFLOW_TRACKING_URI``, else the
+    repository's own SQLite file (conf/mlflow/default.yaml's default)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root()}/mlflow.db"
 
 
 # Schema names in the ConfigStore: what a YAML option's defaults list extends (mode/<name>).

@@ -101,6 +101,21 @@ def runs_in(tmp_path: Path, experiment: str = "transferlab"):  # noqa: ANN201 - 
     return mlflow.search_runs(experiment_names=[experiment], search_all_experiments=False)
 
 
+def metric_histories(client, run_id: str) -> dict[str, list[tuple[int, float]]]:  # noqa: ANN001
+    """Every metric of a run as sorted (step, value) pairs, timing and cache bookkeeping aside. Fails on
+    any key, bookkeeping included, with two values at one step (a duplicate from a resume or a retry)."""
+    from transferlab.tracking import is_bookkeeping
+
+    out = {}
+    for key in client.get_run(run_id).data.metrics:
+        points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        steps = [step for step, _ in points]
+        assert len(steps) == len(set(steps)), f"{key} has more than one value at a step: {points}"
+        if not is_bookkeeping(key):
+            out[key] = points
+    return out
+
+
 def make_runner(model, data, trainer, seed: int, augment, stage, features=None):  # noqa: ANN001, ANN201
     """A Runner as ``train.py`` builds one: once per run, then ``enter(stage)`` decides what trains.
     ``augment``: an AugmentConfig, None, or True for ``augment=flip`` (random horizontal flips)."""

@@ -25,7 +25,7 @@ from transferlab.engine import FitState
 from transferlab.schemas import to_typed
 from transferlab.tracking import is_bookkeeping  # timing and cache use: differ between launches
 
-from .conftest import runs_in, store_overrides
+from .conftest import metric_histories, runs_in, store_overrides
 
 # Enough steps per epoch that a signal lands mid-epoch; small enough for a few seconds per epoch.
 ARGS = [
@@ -81,14 +81,11 @@ def _final_metrics(root: Path) -> tuple[dict[str, float], dict[str, list[float]]
         for c in runs.columns
         if c.startswith("metrics.") and not is_bookkeeping(c.removeprefix("metrics.")) and pd.notna(run[c])
     }
-    history = {}
-    for key in client.get_run(run["run_id"]).data.metrics:
-        points = client.get_metric_history(run["run_id"], key)
-        if is_bookkeeping(key) or len(points) == 1 and points[0].step == 0 and key in final:
-            continue  # a final metric, compared above
-        steps = [m.step for m in points]
-        assert len(steps) == len(set(steps)), f"{key}: more than one value at a step {sorted(steps)}"
-        history[key] = [m.value for m in sorted(points, key=lambda m: m.step)]
+    history = {
+        key: [value for _, value in points]
+        for key, points in metric_histories(client, run["run_id"]).items()
+        if not (len(points) == 1 and points[0][0] == 0 and key in final)  # a final metric, compared above
+    }
     assert {"train_loss", "val_loss", "val_accuracy", "lr_head"} <= set(history)
     return final, history, run["status"], run["run_id"]
 

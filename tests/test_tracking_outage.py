@@ -18,9 +18,8 @@ import torch
 from mlflow import MlflowClient
 
 from transferlab.resilient import SPOOL, EpochLog
-from transferlab.tracking import is_bookkeeping
 
-from .conftest import TINY, store_overrides
+from .conftest import TINY, metric_histories, store_overrides
 from .test_resume import ARGS, _checkpoint
 
 
@@ -83,20 +82,9 @@ def _steps(client: MlflowClient, experiment: str) -> tuple[str, list[int], str]:
 
 
 def _histories(client: MlflowClient, experiment: str) -> dict[str, list[tuple[int, float]]]:
-    """Every metric of the experiment's one run as (step, value) pairs, timing and cache bookkeeping
-    aside; fails on a key with two values at one step (a duplicate) ."""
+    """The experiment's one run's metrics (:func:`metric_histories`: one value per step, or it fails)."""
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    out = {}
-    for key in run.data.metrics:
-        if is_bookkeeping(key):
-            continue
-        points = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-        steps = [step for step, _ in points]
-        assert len(steps) == len(set(steps)), (
-            f"{experiment}: {key} has more than one value at a step: {points}"
-        )
-        out[key] = points
-    return out
+    return metric_histories(client, run.info.run_id)
 
 
 def test_a_replayed_spool_sends_each_kept_value_once_and_drops_epochs_to_train_again(
@@ -122,6 +110,126 @@ def test_a_replayed_spool_sends_each_kept_value_once_and_drops_epochs_to_train_a
         assert not spool.exists()
     history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val_loss"))
     assert history == [(0, 0.5), (1, 0.4)]
+
+
+def test_a_spool_left_by_a_run_that_is_not_continued_goes_to_that_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """trainer.checkpoint=false: a run stopped on the outage limit is not resumed, the next launch is a
+    new run. The old run's kept epochs were trained, so they are sent to it, not dropped; a spool row
+    of a run that no longer exists is dropped with a warning and the new run starts."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("spool")
+    stopped = client.create_run(experiment).info.run_id
+    client.set_terminated(stopped, "FAILED")  # as the outage limit leaves it
+    fresh = client.create_run(experiment).info.run_id
+    rows = [
+        {"run_id": stopped, "key": "val_loss", "value": 0.5, "timestamp": 1000, "step": 0},
+        {"run_id": stopped, "key": "val_loss", "value": 0.4, "timestamp": 2000, "step": 1},
+        {"run_id": "gone", "key": "val_loss", "value": 9.0, "timestamp": 1000, "step": 0},
+    ]
+    spool = tmp_path / "ckpt" / SPOOL
+    spool.parent.mkdir()
+    spool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    EpochLog(fresh, spool.parent, resume_step=None)
+    assert not spool.exists()
+    assert sorted((m.step, m.value) for m in client.get_metric_history(stopped, "val_loss")) == [
+        (0, 0.5),
+        (1, 0.4),
+    ]
+    assert client.get_metric_history(fresh, "val_loss") == []
+
+
+def test_final_metrics_and_the_model_are_logged_once_whatever_is_retried(
+    run_cli, store, compose_cfg, tmp_path: Path
+) -> None:
+    """A retry of the final log after a send that reached the server (or a resumed run logging its
+    results again) adds no second ``test_*`` point and no second model: the same calls, made again in
+    the finished run, change nothing. A resume's second look at the decoded-input cache adds no
+    second ``input_cache_hit`` point either."""
+    import types
+
+    import mlflow
+    import numpy as np
+
+    from transferlab import model_store, tracking
+    from transferlab.backbones import Preprocess
+    from transferlab.schemas import to_typed
+
+    assert run_cli(*TINY, *store) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("transferlab").experiment_id])
+    before = {k: client.get_metric_history(run.info.run_id, k) for k in run.data.metrics}
+    (first,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    finals = {k: v for k, v in run.data.metrics.items() if len(before[k]) == 1 and before[k][0].step == 0}
+    assert {"test_accuracy", "best_val_accuracy", "total_params"} <= finals.keys()
+    with mlflow.start_run(run_id=run.info.run_id):
+        labels = np.array([0, 1])
+        tracking.log_results({k: v + 1 for k, v in finals.items()}, labels, labels, ["a", "b"], "cpu")
+        for _ in range(2):  # a key the run has not got is logged, once
+            tracking.log_new_metrics({"fresh": 1.0})
+        cfg = to_typed(compose_cfg(*TINY, *store))
+        for hit in (False, True):  # the first launch decoded the images, its resume read them back
+            lookup = types.SimpleNamespace(hit=hit, seconds=2.0 if hit else 30.0)
+            tracking.log_cache_use(cfg, trains_backbone=True, augmented=False, inputs=lookup)
+        pre = Preprocess(resize=8, crop=8, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
+        again = model_store.log_model({}, "", ["a", "b"], pre, torch.zeros(3, 8, 8))
+    new = ["fresh", "input_cache_hit", "input_load_s"]
+    after = {k: client.get_metric_history(run.info.run_id, k) for k in [*run.data.metrics, *new]}
+    assert [[(m.step, m.value) for m in after.pop(k)] for k in new] == [[(0, 1.0)], [(0, 0.0)], [(0, 30.0)]]
+    assert after == before  # not one point more, and the first values stay
+    assert [m.model_id for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])] == [
+        first.model_id
+    ]
+    assert again == first.model_uri
+
+
+@pytest.mark.slow  # about 20 s (a real server started twice): CI runs it with the guarantees
+@pytest.mark.guarantee
+def test_stage_boundary_logging_waits_out_an_outage(tmp_path: Path) -> None:
+    """What a run logs between lp_ft's stages (the probe's head, the next stage's params and lrs) goes
+    through the same retry as the epochs: a server down at that moment and back within
+    mlflow.max_outage_s costs a wait, not the run. (Before: a traceback, the run FAILED.)"""
+    import types
+
+    import mlflow
+
+    from transferlab import resilient, tracking
+    from transferlab.modes import Trainable
+    from transferlab.schemas import MlflowConfig
+
+    server = Server(tmp_path)
+    server.start()
+    resilient.configure(
+        MlflowConfig(tracking_uri=server.url, artifact_location=str(tmp_path), max_outage_s=120)
+    )
+    mlflow.set_tracking_uri(server.url)
+    experiment = MlflowClient(server.url).create_experiment("boundary")
+    stage = types.SimpleNamespace(name="finetune", epochs=2, first_step=2, lr=0.01)
+    groups = [{"name": "head", "lr": 0.01}, {"name": "backbone", "lr": 0.001}]
+    counts = {"trainable_params": 10}
+    with mlflow.start_run(experiment_id=experiment) as run:
+        server.stop()
+        restart = threading.Timer(3.0, server.start)
+        restart.start()
+        try:
+            tracking.log_state_dict({"w": torch.ones(2)}, "probe_head.pt")  # train.finished_results
+            log_epoch = tracking.log_stage(stage, Trainable(True), groups, counts, 1, 2)  # train.fit_stage
+            log_epoch({"val_loss": 0.5}, 2)
+        finally:
+            restart.join()
+    client = MlflowClient(server.url)
+    done = client.get_run(run.info.run_id)
+    try:
+        assert done.data.params["stage.finetune.lr_head"] == "0.01"
+        assert done.data.metrics["stage"] == 1.0
+        assert [a.path for a in client.list_artifacts(run.info.run_id) if a.path.endswith(".pt")] == [
+            "probe_head.pt"
+        ]
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow  # about 60 s (a real server started twice): CI runs it with the guarantees

@@ -137,8 +137,19 @@ class Checkpoint:
         except Exception as exc:  # noqa: BLE001 - a damaged file must not block a fresh start
             log.warning("ignoring unreadable checkpoint %s (%s: %s)", self.path, type(exc).__name__, exc)
             return None
-        if blob.get("format") != FORMAT or blob.get("config_hash") != self.config_hash:
-            log.warning("ignoring checkpoint %s written by another format or config", self.path)
+        if blob.get("format") != FORMAT:
+            # Formats 1 and 2 came before the lr schedule and EMA joined the config, which changed every
+            # config hash: only a file copied by hand into a new config's folder lands here.
+            log.warning(
+                "ignoring checkpoint %s: format %s, this code reads format %d; the run starts over as a "
+                "new MLflow run (the stopped one stays as it is)",
+                self.path,
+                blob.get("format"),
+                FORMAT,
+            )
+            return None
+        if blob.get("config_hash") != self.config_hash:
+            log.warning("ignoring checkpoint %s: written for another config", self.path)
             return None
         fit = blob["fit"]
         return {

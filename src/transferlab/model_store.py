@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
@@ -100,7 +101,15 @@ def log_model(
     pre: Preprocess,
     example: torch.Tensor,
 ) -> str:
-    """Log the tested weights as the active run's pyfunc model ``model``; returns its model URI."""
+    """Log the tested weights as the active run's pyfunc model ``model``; returns its model URI.
+
+    Once per run: a retry after a send that reached the server, or a resumed run that had logged its
+    model before the tracking server went away, finds the READY model and logs no second one.
+    """
+    run = mlflow.active_run()
+    done = logged_model(MlflowClient(), mlflow.get_run(run.info.run_id))
+    if done is not None:
+        return done.model_uri
     versions = package_versions(REQUIREMENTS)
     requirements = [
         f"{name}=={v}" for name, v in versions.items() if name != "python" and v != "not installed"
@@ -188,14 +197,18 @@ def require_model(client: MlflowClient, run: Any, key: str, what: str) -> Any:
 
 
 def logged_model(client: MlflowClient, run: Any) -> Any:
-    """The run's ``model`` (the newest, if a retried log left two), or None."""
+    """The run's ``model`` whose upload completed (READY; the newest, should there be two), or None.
+
+    A log interrupted by an outage leaves a PENDING one, never served. (MLflow 3.17's search does not
+    filter on status, so that is done here: a run has one model, two at most.)
+    """
     models = client.search_logged_models(
         experiment_ids=[run.info.experiment_id],
         filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{ARTIFACT}'",
         order_by=[{"field_name": "creation_timestamp", "ascending": False}],
-        max_results=1,
     )
-    return models[0] if models else None
+    usable = [m for m in models if m.status == LoggedModelStatus.READY]
+    return usable[0] if usable else None
 
 
 def fetch(client: MlflowClient, source: Source, dst: Path) -> Path:

@@ -42,6 +42,7 @@ T = TypeVar("T")
 SPOOL = "pending_metrics.jsonl"
 # Set by configure(): how long a blocking send may keep retrying.
 _max_outage_s = 600.0
+_checkpointed = True  # set by resumable()
 
 
 class TrackingOutageError(ConfigError):
@@ -67,13 +68,24 @@ def transient(exc: BaseException) -> bool:
     return False
 
 
+def resumable(checkpointed: bool) -> None:
+    """Whether this run writes checkpoints (``trainer.checkpoint``): the outage line says what a rerun does."""
+    global _checkpointed
+    _checkpointed = checkpointed
+
+
 def _outage_error(since: float, detail: str) -> TrackingOutageError:
+    then = (
+        "the run resumes from its checkpoint and the kept metrics are replayed"
+        if _checkpointed
+        else "with trainer.checkpoint=false it trains again as a new run, after sending the kept "
+        "metrics to this one"
+    )
     return TrackingOutageError(
         "mlflow.tracking_uri",
         f"tracking server unreachable for {time.monotonic() - since:.0f} s (mlflow.max_outage_s="
         f"{_max_outage_s:g}); {detail}",
-        "start the server again and rerun the same command: the run resumes from its checkpoint "
-        "and the kept metrics are replayed",
+        f"start the server again and rerun the same command: {then}",
     )
 
 
@@ -114,16 +126,42 @@ class EpochLog:
         self.outage_since: float | None = None
         if self.spool.exists():  # left by a run that stopped during an outage: replay it first
             rows = [json.loads(line) for line in self.spool.read_text().splitlines() if line]
-            keep = [
-                r
-                for r in rows
-                if r.get("run_id") == run_id and (resume_step is None or r["step"] < resume_step)
-            ]
-            if len(keep) < len(rows):
-                log.info("dropping %d kept value(s) of epochs this run trains again", len(rows) - len(keep))
+            own = [r for r in rows if r.get("run_id") == run_id]
+            keep = [r for r in own if resume_step is None or r["step"] < resume_step]
+            if len(keep) < len(own):
+                log.info("dropping %d kept value(s) of epochs this run trains again", len(own) - len(keep))
+            # Another run's values (it stopped on the outage limit and this launch does not continue
+            # it, e.g. trainer.checkpoint=false): its epochs were trained, so they go to that run.
+            self._send_to_their_runs([r for r in rows if r.get("run_id") != run_id])
             self.pending = [Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in keep]
             log.info("replaying %d metric value(s) kept during an outage", len(self.pending))
             self.flush(block=True)
+            self.spool.unlink(
+                missing_ok=True
+            )  # all of it sent or dropped (flush() removes it only if it sent)
+
+    def _send_to_their_runs(self, rows: list[dict]) -> None:
+        by_run: dict[str, list[Metric]] = {}
+        for r in rows:
+            by_run.setdefault(r.get("run_id") or "", []).append(
+                Metric(r["key"], r["value"], r["timestamp"], r["step"])
+            )
+        for other, metrics in by_run.items():
+            try:
+                for start in range(0, len(metrics), 1000):
+                    batch = metrics[start : start + 1000]
+                    retry(
+                        lambda batch=batch, other=other: self.client.log_batch(
+                            other, metrics=batch, synchronous=True
+                        ),
+                        f"send {len(batch)} value(s) kept for run {other}",
+                    )
+            except MlflowException as exc:  # deleted meanwhile, or a spool row without a run id
+                log.warning(
+                    "dropping %d kept value(s) of run %r: %s", len(metrics), other, str(exc).splitlines()[0]
+                )
+            else:
+                log.info("sent %d value(s) kept for run %s, which stopped on an outage", len(metrics), other)
 
     def __call__(self, row: dict[str, float], step: int) -> None:
         """Record an epoch's values: on disk at once, sent by :meth:`publish` after the checkpoint."""

@@ -23,7 +23,7 @@ import numpy as np
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 
 from transferlab import resilient
@@ -251,7 +251,8 @@ def log_state_dict(state: dict[str, Any], name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         torch.save(state, path)
-        mlflow.log_artifact(str(path))
+        # Mid-run (lp_ft's probe head between stages): waits out an outage like the epochs' values.
+        resilient.retry(lambda: mlflow.log_artifact(str(path)), f"log {name}")
 
 
 def command_line() -> str:
@@ -269,6 +270,21 @@ def log_params(cfg: Any, raw: Any) -> None:
     logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})
     mlflow.log_text(OmegaConf.to_yaml(raw, resolve=True), "config.yaml")
+
+
+def log_new_metrics(metrics: Mapping[str, float]) -> None:
+    """Metrics a run logs once (step 0): those it has not got yet, all with one timestamp.
+
+    So a retry after a send that reached the server, or a resumed run that logged its results before
+    the server went away, adds no second point (the values a resume computes again are the same).
+    """
+    run_id = mlflow.active_run().info.run_id
+    client = mlflow.MlflowClient()
+    have = client.get_run(run_id).data.metrics
+    now = int(time.time() * 1000)
+    new = [Metric(k, float(v), now, 0) for k, v in metrics.items() if k not in have]
+    for start in range(0, len(new), 1000):  # MLflow's log_batch limit
+        client.log_batch(run_id, metrics=new[start : start + 1000])
 
 
 def log_epoch(row: dict[str, float], epoch: int) -> None:
@@ -345,7 +361,7 @@ def log_results(
 ) -> None:
     """Final metrics, the confusion matrix and report, and the class order. (The tested weights are the
     run's MLflow model, :func:`transferlab.model_store.log_model`: stored once, as safetensors.)"""
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    log_new_metrics(metrics)
     mlflow.set_tag("device", device_type)
     log_confusion(labels, preds, classes)
     mlflow.log_dict({"classes": classes}, "classes.json")
@@ -372,27 +388,28 @@ def log_stage(
     last = stage.first_step + stage.epochs - 1
     prefix = f"stage.{stage.name}"
     what = ",".join(trainable.trainable) if trainable.trainable else "head only"
-    mlflow.log_params(
-        {
-            f"{prefix}.steps": f"{stage.first_step}-{last}",
-            f"{prefix}.lr_head": head["lr"],
-            f"{prefix}.lr_backbone": (
-                f"{min(backbone_lrs):.3g}..{max(backbone_lrs):.3g}" if backbone_lrs else "frozen"
-            ),
-            f"{prefix}.trainable": what[:6000],
-            f"{prefix}.trainable_params": counts["trainable_params"],
-            f"{prefix}.eval_modules": len(trainable.eval_modules),
-        }
-    )
-    mlflow.log_dict(
-        {
-            "stage": vars(stage),
-            "trainable_stages": list(trainable.trainable),
-            "eval_modules": list(trainable.eval_modules),
-            "param_groups": groups,
-        },
-        f"stages/{stage.name}.json",
-    )
+    params = {
+        f"{prefix}.steps": f"{stage.first_step}-{last}",
+        f"{prefix}.lr_head": head["lr"],
+        f"{prefix}.lr_backbone": (
+            f"{min(backbone_lrs):.3g}..{max(backbone_lrs):.3g}" if backbone_lrs else "frozen"
+        ),
+        f"{prefix}.trainable": what[:6000],
+        f"{prefix}.trainable_params": counts["trainable_params"],
+        f"{prefix}.eval_modules": len(trainable.eval_modules),
+    }
+    record = {
+        "stage": vars(stage),
+        "trainable_stages": list(trainable.trainable),
+        "eval_modules": list(trainable.eval_modules),
+        "param_groups": groups,
+    }
+
+    def send() -> None:  # lp_ft's second stage starts mid-run: it waits out an outage like the epochs
+        mlflow.log_params(params)
+        mlflow.log_dict(record, f"stages/{stage.name}.json")
+
+    resilient.retry(send, f"log stage {stage.name}")
     _log.info(
         "stage %s (steps %d-%d): %s trainable parameters (%s), head lr %g, backbone lr %s",
         stage.name,
@@ -439,5 +456,8 @@ def log_cache_use(cfg: Any, trains_backbone: bool, augmented: bool, inputs: Any)
         )
     else:
         state = "hit" if inputs.hit else "miss"
-        mlflow.log_metrics({"input_cache_hit": float(inputs.hit), "input_load_s": inputs.seconds})
-    mlflow.set_tags({"feature_cache": features, "input_cache": state, "cache_dir": cfg.paths.cache_dir})
+        # Once per run: a resume reads the cache again, its second point would be a duplicate.
+        use = {"input_cache_hit": float(inputs.hit), "input_load_s": inputs.seconds}
+        resilient.retry(lambda: log_new_metrics(use), "log the caches' use")
+    tags = {"feature_cache": features, "input_cache": state, "cache_dir": cfg.paths.cache_dir}
+    resilient.retry(lambda: mlflow.set_tags(tags), "log the caches' use")

@@ -32,7 +32,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import model_store, sweep, tracking
+from transferlab import model_store, resilient, sweep, tracking
 from transferlab.augment import check_policy
 from transferlab.backbones import BuiltBackbone, build_backbone, check_backbone_name, find_classifier
 from transferlab.cache import FeatureCache, Lookup
@@ -70,6 +70,7 @@ def train(
     run_name, tags = run_identity(cfg, choices, job)
     # Resume: this config's checkpoint (a killed or preempted run) names the MLflow run to continue.
     ckpt = Checkpoint.for_config(cfg, raw)
+    resilient.resumable(cfg.trainer.checkpoint)  # what the outage line tells a rerun to expect
     with (
         ckpt.held(),  # before the run starts: the same config twice at once fails here, clearly
         stop_signals(ckpt) as stop,

@@ -100,6 +100,7 @@ class Runner:
         self.pin_memory = cfg.pin_memory and self.device.type == "cuda"
         self.feature_cache = feature_cache
         self.generator = torch.Generator().manual_seed(seed)  # data order and augmentation only
+        self.first_update_at: float | None = None  # wall clock (time.time()) of this process's first update
         self.stage: Stage | None = None  # set by enter(): fit() and train_epoch() need one
         self.trainable: Trainable | None = None
         self.features: torch.Tensor | None = None
@@ -320,6 +321,8 @@ class Runner:
             else:
                 optimizer.step()
         state.updates += 1  # the schedule follows updates in time, a skipped one included
+        if self.first_update_at is None:  # the end of the run's fixed cost (train.py logs startup_s)
+            self.first_update_at = time.time()
         if contributed and self.ema is not None:
             self.ema.update(self.ema_source, step=state.updates)
         if scheduler is not None:

@@ -26,6 +26,7 @@ import time
 
 import hydra
 import numpy as np
+import psutil
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -62,6 +63,7 @@ def train(
 
     ``job``: in a multirun, the child run's name and tags (parent run, config hash).
     """
+    launched = launch_time()
     experiment_id = preflight(cfg)
     seed_everything(cfg.seed)  # before any module is built: random init and the head depend on it
     set_deterministic(cfg.trainer.deterministic)
@@ -114,6 +116,8 @@ def train(
         # Test the best-on-validation checkpoint of the last stage, in eval mode.
         test, labels, preds = runner.evaluate(data.splits.test)
         metrics |= final_metrics(test, fit, costs, counts, time.perf_counter() - started)
+        if runner.first_update_at is not None:  # not when a resume had nothing left to train
+            metrics["startup_s"] = runner.first_update_at - launched
         log_epoch.flush()
         retry(
             lambda: tracking.log_results(metrics, labels, preds, data.classes, runner.device.type),
@@ -137,6 +141,18 @@ def train(
 
 
 # -- the steps of train(), in the order it takes them ---------------------------------------------
+_launches = 0  # train() calls in this process (a sweep's in-process launcher makes several)
+
+
+def launch_time() -> float:
+    """When this run was launched (wall clock): the process's start for its first run, so ``startup_s``
+    (launch to the first optimizer update) counts the imports, the tracking server, the weights and the
+    caches; a later job of an in-process sweep starts counting here, its imports paid by the first."""
+    global _launches
+    _launches += 1
+    return psutil.Process().create_time() if _launches == 1 else time.time()
+
+
 def preflight(cfg: TrainConfig) -> str:
     """The checks that read nothing heavy, so bad input fails in seconds and logs no run: the
     augmentation policy, the tracking server, then the backbone's name. (Settings were checked by the schemas; the weights and the data

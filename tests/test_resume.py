@@ -145,7 +145,7 @@ def test_sigterm_in_process_then_resume_gives_the_same_bits(
     assert runs_in(stopped).iloc[0]["status"] == "KILLED"
     started_at = runs_in(stopped).iloc[0]["tags.mlflow.source.git.commit"]
     later = {"commit": "f" * 40, "dirty": "false"}
-    monkeypatch.setattr("transferlab.tracking.git_state", lambda root: later)
+    monkeypatch.setattr("transferlab.provenance.git_state", lambda root: later)
     assert run_cli(*args, *store_overrides(stopped)) == 0
     got = _final_metrics(stopped)
     assert got[2] == "FINISHED" and got[3] == runs_in(stopped).iloc[0]["run_id"]

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from transferlab.schemas import config_hash, to_typed
@@ -175,20 +174,6 @@ def test_launcher_configs_compose(compose_cfg) -> None:
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     launcher = cfg.hydra.launcher
     assert (launcher.gpus_per_node, launcher.timeout_min, launcher.max_num_timeout) == (1, 240, 3)
-
-
-def test_optuna_search_runs_two_trials_as_children(run_cli, store, tmp_path: Path) -> None:
-    args = ("-m", *FAST, *store, "hparams_search=optuna_lr_wd", "hydra.sweeper.n_trials=2")
-    assert run_cli(*args) == 0
-    parent, children = _assert_one_parent_with(tmp_path, 2)
-    assert parent["tags.mlflow.runName"] == "optuna_lr_wd"
-    assert parent["tags.sweep.axes"] == '["optimizer.lr", "optimizer.weight_decay"]'
-    assert all(n.startswith("optimizer.lr=") for n in children["tags.mlflow.runName"])
-    lrs = children["params.optimizer.lr"].astype(float)
-    assert lrs.nunique() == 2 and lrs.between(1e-5, 1e-2).all()
-    results = yaml.safe_load((tmp_path / "logs" / "multirun" / "optimization_results.yaml").read_text())
-    best = children["metrics.best_val_accuracy"].max()
-    assert results["best_value"] == pytest.approx(best)
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))

@@ -251,6 +251,16 @@ def _own_run(info: SweepInfo, num: int) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def job_run(info: SweepInfo, num: int, sweep_dir: str | None = None) -> str | None:
+    """The MLflow run of job ``num``: from this launch's record (a skipped job names the earlier run it
+    repeats), else the child of the parent tagged with that job number (an earlier launch's)."""
+    if sweep_dir is not None:
+        path = info.jobs_dir(sweep_dir) / f"{num}.json"
+        if path.is_file() and json.loads(path.read_text()).get("run_id"):
+            return json.loads(path.read_text())["run_id"]
+    return _own_run(info, num)
+
+
 def summarize(records: list[dict[str, Any]]) -> str:
     """The end-of-sweep summary: counts, then every failed and skipped job with its overrides."""
     by = {s: [r for r in records if r["status"] == s] for s in ("finished", "failed", "skipped")}
@@ -298,7 +308,7 @@ class MlflowSweepCallback(Callback):
         info = SweepInfo(parent.info.run_id, experiment_id, mlflow_cfg.tracking_uri, name, axes, groups)
         info.save(sweep_dir)
         client.log_dict(parent.info.run_id, OmegaConf.to_container(config.hydra.overrides), "overrides.json")
-        atexit.register(_end_abandoned, info)  # Ctrl-C, or a sweeper that raised: never left RUNNING
+        atexit.register(_end_abandoned, sweep_dir)  # Ctrl-C, or a sweeper that raised: never left RUNNING
         log.info("sweep %r: MLflow parent run %s (experiment %s)", name, parent.info.run_id, experiment_id)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
@@ -373,8 +383,12 @@ class MlflowSweepCallback(Callback):
             sys.exit(1)  # SystemExit passes Hydra's callback guard (it only catches Exception)
 
 
-def _end_abandoned(info: SweepInfo) -> None:
-    """At exit of a sweep that never reached on_multirun_end: end the parent KILLED, not RUNNING."""
+def _end_abandoned(sweep_dir: str) -> None:
+    """At exit of a sweep that never reached on_multirun_end: end the parent KILLED, not RUNNING.
+    (Read from the sweep dir: a resumed study may have adopted an earlier parent meanwhile.)"""
+    info = SweepInfo.load(sweep_dir)
+    if info is None:  # removed with its parent: the sweeper refused its input
+        return
     try:
         client = MlflowClient(info.tracking_uri)
         if client.get_run(info.parent_run_id).info.status == "RUNNING":

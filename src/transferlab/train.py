@@ -33,7 +33,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import model_store, resilient, sweep, tracking
+from transferlab import model_store, provenance, resilient, sweep, tracking
 from transferlab.augment import check_policy
 from transferlab.backbones import BuiltBackbone, build_backbone, check_backbone_name, find_classifier
 from transferlab.cache import FeatureCache, Lookup
@@ -81,7 +81,8 @@ def train(
         started = time.perf_counter()
         tracking.log_params(cfg, raw)
         tracking.log_json(
-            {"overrides": overrides, "choices": choices, "command": tracking.command_line()}, "overrides.json"
+            {"overrides": overrides, "choices": choices, "command": provenance.command_line()},
+            "overrides.json",
         )
         data, inputs = load_data(cfg, built)
 
@@ -92,7 +93,7 @@ def train(
             "head_params": count_parameters(model.head),
             "effective_batch_size": cfg.trainer.batch_size * cfg.trainer.accumulate_steps,
         }
-        tracking.log_reproducibility(cfg, built, data, counts)
+        provenance.log_reproducibility(cfg, built, data, counts)
         # Frozen features are computed once per backbone, weights and images, and shared on disk.
         features = FeatureCache(cfg.paths.cache_dir, built) if cfg.trainer.feature_cache else None
         runner = Runner(model, data, cfg.trainer, cfg.seed, cfg.augment, features)

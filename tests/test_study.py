@@ -82,6 +82,8 @@ def test_bad_study_settings_are_one_line_before_any_trial(run_cli, store, tmp_pa
     cases = {
         f"hydra.sweeper.storage=sqlite:///{db}": f"error: hydra.sweeper.study_name: study 'lr_wd' in sqlite:///{db} was created with another space",
         "hydra.sweeper.storage=sqlite:////proc/no/study.db": "error: hydra.sweeper.storage: cannot open sqlite:////proc",
+        # PostgreSQL that does not answer (nothing listens on port 9 here): the password is not printed
+        "hydra.sweeper.storage=postgresql+psycopg://me:secret@127.0.0.1:9/optuna": "error: hydra.sweeper.storage: cannot open postgresql+psycopg://me:***@127.0.0.1:9/optuna (OperationalError",
         f"hydra.sweeper.storage={tmp_path}/j.log hydra.sweeper.study_name=null": "error: hydra.sweeper.study_name: a stored study needs a name",
         "hydra.sweeper.n_trials=0": "error: hydra.sweeper.n_trials: must be >= 1",
     }

@@ -38,16 +38,19 @@ def test_an_unreachable_server_fails_fast_before_compute(run_cli, store, tmp_pat
 
 
 class Server:
-    """``mlflow server`` on 127.0.0.1 only, with its store in a temporary folder."""
+    """``mlflow server`` on 127.0.0.1 only, with its store in a temporary folder (or ``backend``, e.g. a
+    PostgreSQL URL), and 1 worker (``workers``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, backend: str | None = None, workers: int = 1) -> None:
         self.root, self.port = root, _free_port()
+        self.backend = backend or f"sqlite:///{root}/server.db"
+        self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+               "--workers", str(self.workers), "--backend-store-uri", self.backend,
                "--default-artifact-root", str(self.root / "server-artifacts")]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 240

@@ -67,6 +67,30 @@ def test_a_stored_study_runs_trials_in_parallel_and_a_relaunch_continues_it(
     assert (children["status"] == "FINISHED").all()
 
 
+def test_a_pruner_ends_each_trial_at_the_epoch_it_prunes(run_cli, store, tmp_path: Path) -> None:
+    """hydra.sweeper.pruner: each trial's job reports its per-epoch val_accuracy to the stored study;
+    a pruner that prunes at the first step after its warm-up (no accuracy reaches 1.1) ends every
+    trial after 2 of its 4 epochs. The run still finishes (tested on its best epoch); the trial is
+    PRUNED with the run's own validation values as its intermediate values."""
+    db = tmp_path / "study.db"
+    args = [a for a in TINY if not a.startswith("trainer.epochs")] + ["trainer.epochs=4"]
+    pruner = "hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:1.1,n_warmup_steps:1}"
+    where = [*store, *SEARCH, f"hydra.sweeper.storage=sqlite:///{db}", "hydra.sweeper.n_trials=2", pruner]
+    assert run_cli("-m", *args, *where) == 0
+    _, children = _assert_one_parent_with(tmp_path, 2)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    by_trial = {int(r["tags.optuna.trial"]): r for r in children.to_dict("records")}
+    for trial in _study(db).trials:
+        run = by_trial[trial.number]
+        history = {m.step: m.value for m in client.get_metric_history(run["run_id"], "val_accuracy")}
+        assert trial.state == TrialState.PRUNED and trial.intermediate_values == history
+        assert sorted(history) == [0, 1]
+        assert (
+            run["status"] == "FINISHED" and run["metrics.pruned_at"] == 1 == run["metrics.stopped_early_at"]
+        )
+        assert "metrics.test_accuracy" in run
+
+
 def _one_line_error(capsys) -> str:  # noqa: ANN001
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
     assert len(err) == 1, err
@@ -86,6 +110,7 @@ def test_bad_study_settings_are_one_line_before_any_trial(run_cli, store, tmp_pa
         "hydra.sweeper.storage=postgresql+psycopg://me:secret@127.0.0.1:9/optuna": "error: hydra.sweeper.storage: cannot open postgresql+psycopg://me:***@127.0.0.1:9/optuna (OperationalError",
         f"hydra.sweeper.storage={tmp_path}/j.log hydra.sweeper.study_name=null": "error: hydra.sweeper.study_name: a stored study needs a name",
         "hydra.sweeper.n_trials=0": "error: hydra.sweeper.n_trials: must be >= 1",
+        "hydra.sweeper.pruner={_target_:optuna.pruners.MedianPruner}": "error: hydra.sweeper.pruner: a trial's job reports",
     }
     for overrides, expected in cases.items():
         assert run_cli("-m", *TINY, *store, *SEARCH, *overrides.split()) == 2, overrides

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -52,7 +53,10 @@ class Server:
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--workers", str(self.workers), "--backend-store-uri", self.backend,
                "--default-artifact-root", str(self.root / "server-artifacts")]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # A session of its own: stop() ends the server's uvicorn and job-queue children with it.
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             try:
@@ -63,8 +67,9 @@ class Server:
         raise AssertionError("mlflow server did not start within 240 s")
 
     def stop(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
+        if self.proc is None:  # already stopped (a test's finally after its own stop)
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
         self.proc.wait(timeout=60)
         self.proc = None
 
@@ -205,27 +210,27 @@ def test_stage_boundary_logging_waits_out_an_outage(tmp_path: Path) -> None:
 
     server = Server(tmp_path)
     server.start()
-    resilient.configure(
-        MlflowConfig(tracking_uri=server.url, artifact_location=str(tmp_path), max_outage_s=120)
-    )
-    mlflow.set_tracking_uri(server.url)
-    experiment = MlflowClient(server.url).create_experiment("boundary")
-    stage = types.SimpleNamespace(name="finetune", epochs=2, first_step=2, lr=0.01)
-    groups = [{"name": "head", "lr": 0.01}, {"name": "backbone", "lr": 0.001}]
-    counts = {"trainable_params": 10}
-    with mlflow.start_run(experiment_id=experiment) as run:
-        server.stop()
-        restart = threading.Timer(3.0, server.start)
-        restart.start()
-        try:
-            tracking.log_state_dict({"w": torch.ones(2)}, "probe_head.pt")  # train.finished_results
-            log_epoch = tracking.log_stage(stage, Trainable(True), groups, counts, 1, 2)  # train.fit_stage
-            log_epoch({"val_loss": 0.5}, 2)
-        finally:
-            restart.join()
-    client = MlflowClient(server.url)
-    done = client.get_run(run.info.run_id)
     try:
+        resilient.configure(
+            MlflowConfig(tracking_uri=server.url, artifact_location=str(tmp_path), max_outage_s=120)
+        )
+        mlflow.set_tracking_uri(server.url)
+        experiment = MlflowClient(server.url).create_experiment("boundary")
+        stage = types.SimpleNamespace(name="finetune", epochs=2, first_step=2, lr=0.01)
+        groups = [{"name": "head", "lr": 0.01}, {"name": "backbone", "lr": 0.001}]
+        counts = {"trainable_params": 10}
+        with mlflow.start_run(experiment_id=experiment) as run:
+            server.stop()
+            restart = threading.Timer(3.0, server.start)
+            restart.start()
+            try:
+                tracking.log_state_dict({"w": torch.ones(2)}, "probe_head.pt")  # train.finished_results
+                log_epoch = tracking.log_stage(stage, Trainable(True), groups, counts, 1, 2)  # fit_stage
+                log_epoch({"val_loss": 0.5}, 2)
+            finally:
+                restart.join()
+        client = MlflowClient(server.url)
+        done = client.get_run(run.info.run_id)
         assert done.data.params["stage.finetune.lr_head"] == "0.01"
         assert done.data.metrics["stage"] == 1.0
         assert [a.path for a in client.list_artifacts(run.info.run_id) if a.path.endswith(".pt")] == [

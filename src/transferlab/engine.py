@@ -370,6 +370,7 @@ class Runner:
         should_stop: Callable[[], bool] = lambda: False,
         publish: Callable[[], None] = lambda: None,
         scheduler: Any = None,
+        prune: Callable[[int, float], bool] | None = None,
     ) -> FitResult:
         """Train until ``epochs`` are done, from ``state`` when resuming (see :mod:`transferlab.checkpoint`).
 
@@ -377,6 +378,8 @@ class Runner:
         step, once more before :class:`StopRequested` is raised. ``log(row, epoch)`` records an
         epoch's values, ``publish()`` sends them after its checkpoint: a send that fails for good
         then never makes a logged epoch train again on resume (see :mod:`transferlab.resilient`).
+        ``prune(step, monitored value)`` (an Optuna trial's pruner) may end the stage after an epoch,
+        as early stopping does.
         """
         feature_seconds = 0.0
         if self.frozen_features:
@@ -406,7 +409,8 @@ class Runner:
                     state.best_value = val[self.cfg.monitor]
                     state.best_epoch = state.epoch
                     state.best_state = copy.deepcopy(self._kept().state_dict())
-                if patience is not None and state.epoch - state.best_epoch >= patience:
+                pruned = prune is not None and prune(state.epoch, val[self.cfg.monitor])  # told every epoch
+                if pruned or patience is not None and state.epoch - state.best_epoch >= patience:
                     state.stopped_early_at = state.epoch
                 state.next_epoch()
                 if checkpoint is not None:

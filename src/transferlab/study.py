@@ -32,6 +32,7 @@ override grammar is upstream's (``interval``, ``tag(log, ...)``, ``range``, ``ch
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import tempfile
@@ -216,7 +217,9 @@ class Study:
         n_trials: int,
         n_jobs: int,
         params: DictConfig | dict | None,
+        pruner: Any = None,
     ) -> None:
+        self.pruner = pruner  # checked here; built again in each trial's job from the config
         self.sampler_cfg, self.direction, self.storage = sampler, direction, storage
         self.study_name, self.n_trials, self.n_jobs = study_name, n_trials, n_jobs
         self.params = dict(params or {})
@@ -240,6 +243,12 @@ class Study:
                 raise ConfigError(
                     f"hydra.sweeper.{key}", f"must be >= 1, got {value}", "e.g. 20 trials, 1 job"
                 )
+        if self.pruner is not None and self.storage is None:
+            raise ConfigError(
+                "hydra.sweeper.pruner",
+                "a trial's job reports its epochs to the study, which an in-memory study cannot receive",
+                "set hydra.sweeper.storage (e.g. sqlite:///optuna/study.db), or hydra.sweeper.pruner=null",
+            )
         if self.storage is not None and not self.study_name:
             raise ConfigError(
                 "hydra.sweeper.study_name",
@@ -275,7 +284,12 @@ class Study:
             self._finished(study),
             self.n_trials,
         )
-        stale = [(t.number, t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        # (number, values, id): the id lets a trial's job report to the study (trial._trial_id is the
+        # storage's key, which optuna.trial.Trial(study, id) takes: optuna's own way to rebuild a trial).
+        stale = [
+            (t.number, t.params, t._trial_id)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        ]
         if stale:  # left RUNNING by a launch that was killed: launched again with their own values
             log.info("relaunching trial(s) %s, left running by a stopped launch", [n for n, _ in stale])
         while (room := self.n_trials - self._finished(study)) > 0:
@@ -283,11 +297,25 @@ class Study:
             stale = stale[len(batch) :]
             while len(batch) < min(self.n_jobs, room):
                 trial = study.ask(space)
-                batch.append((trial.number, trial.params))
+                batch.append((trial.number, trial.params, trial._trial_id))
+            self._share(name, batch)
             self._run(study, batch, fixed, info)
-        for number, _ in stale:  # n_trials was lowered below what a stopped launch had started
+        for number, _, _ in stale:  # n_trials was lowered below what a stopped launch had started
             study.tell(number, state=TrialState.FAIL)
         self._finish(study, name, info)
+
+    def _share(self, name: str, batch: list[tuple[int, dict[str, Any], int]]) -> None:
+        """What a trial's job needs to report its epochs to the study (only when it prunes)."""
+        node = OmegaConf.select(self.config, "hydra.sweeper.pruner")
+        shared = {
+            "storage": self.storage,
+            "study_name": name,
+            "pruner": OmegaConf.to_container(node, resolve=True) if node is not None else None,
+            "trial_ids": {str(number): trial_id for number, _, trial_id in batch},
+        }
+        path = Path(self.sweep_dir) / sweep.STATE_DIR / sweep.STUDY_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(shared, indent=2))
 
     def _sampler(self, earlier: int) -> Any:
         """``hydra.sweeper.sampler``, its seed moved on by the study's ``earlier`` trials: a seeded sampler
@@ -317,28 +345,33 @@ class Study:
     def _run(
         self,
         study: optuna.Study,
-        batch: list[tuple[int, dict[str, Any]]],
+        batch: list[tuple[int, dict[str, Any], int]],
         fixed: list[str],
         info: sweep.SweepInfo | None,
     ) -> None:
         """Launch a batch (the job number is the trial number) and tell the study each value."""
-        groups: list[list[tuple[int, dict[str, Any]]]] = []
+        groups: list[list[tuple[int, dict[str, Any], int]]] = []
         for trial in batch:  # consecutive numbers share a launch; a relaunched trial may stand apart
             if groups and groups[-1][-1][0] + 1 == trial[0]:
                 groups[-1].append(trial)
             else:
                 groups.append([trial])
         for group in groups:
-            overrides = [tuple(f"{k}={v}" for k, v in params.items()) + tuple(fixed) for _, params in group]
+            overrides = [
+                tuple(f"{k}={v}" for k, v in params.items()) + tuple(fixed) for _, params, _ in group
+            ]
             returns = self.launcher.launch(overrides, initial_job_idx=group[0][0])
-            for (number, _), ret in zip(group, returns, strict=True):
+            for (number, _, _), ret in zip(group, returns, strict=True):
                 try:
                     value = float(ret.return_value)  # a failed job (sweep.FailedJob) raises here
                 except Exception as exc:  # noqa: BLE001 - recorded by the sweep callback; the study goes on
                     log.warning("trial %d failed: %s", number, exc)
                     study.tell(number, state=TrialState.FAIL)
                 else:
-                    study.tell(number, value)  # a NaN is told FAIL by Optuna
+                    if isinstance(ret.return_value, sweep.PrunedValue):  # its job's pruner ended it
+                        study.tell(number, state=TrialState.PRUNED)
+                    else:
+                        study.tell(number, value)  # a NaN is told FAIL by Optuna
                 if info is not None:
                     tag_job(info, self.sweep_dir, number, {"optuna.trial": str(number)})
 
@@ -372,3 +405,36 @@ class Study:
             path = Path(tmp) / "optuna_trials.csv"
             study.trials_dataframe().to_csv(path, index=False)
             client.log_artifact(info.parent_run_id, str(path))
+
+
+# -- in a trial's job ---------------------------------------------------------------------------
+class Pruning:
+    """The trial a job answers: each epoch's monitored validation value is reported (step = the global
+    epoch); ``__call__`` is true when the study's pruner ends the trial there."""
+
+    def __init__(self, trial: optuna.trial.Trial) -> None:
+        self.trial = trial
+        self.pruned_at: int | None = None
+
+    def __call__(self, step: int, value: float) -> bool:
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            self.pruned_at = step
+            log.info("pruned by the study's pruner after epoch %d (value %.4f)", step, value)
+            return True
+        return False
+
+
+def pruning(sweep_dir: str, num: int) -> Pruning | None:
+    """Job ``num``'s trial, rebuilt from what the sweeper shared, with the study's pruner; None when it
+    shared none for this job (a plain multirun, or a job launched outside the study)."""
+    shared = json.loads((Path(sweep_dir) / sweep.STATE_DIR / sweep.STUDY_FILE).read_text())
+    trial_id = shared["trial_ids"].get(str(num))
+    if trial_id is None or shared["pruner"] is None:
+        return None
+    study = optuna.load_study(
+        study_name=shared["study_name"],
+        storage=open_storage(shared["storage"]),
+        pruner=instantiate(shared["pruner"]),
+    )
+    return Pruning(optuna.trial.Trial(study, trial_id))

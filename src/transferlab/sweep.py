@@ -114,6 +114,20 @@ class FailedJob:
         return f"failed job ({self.error})"
 
 
+class PrunedValue(float):
+    """What the job of an Optuna trial that its pruner ended returns: its best validation value, marked
+    so the sweeper tells the study PRUNED (a float subclass: it crosses joblib's process boundary)."""
+
+
+STUDY_FILE = "study.json"  # under <sweep dir>/.transferlab: how a trial's job reaches its study
+
+
+def study_prunes(sweep_dir: str | Path) -> bool:
+    """Whether this sweep is an Optuna study with a pruner (its jobs then report each epoch)."""
+    path = Path(sweep_dir) / STATE_DIR / STUDY_FILE
+    return path.is_file() and json.loads(path.read_text()).get("pruner") is not None
+
+
 # The job running in this process (set by job(), read by on_job_end in the same process).
 _current: Job | None = None
 

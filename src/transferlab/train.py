@@ -23,6 +23,8 @@ if __name__ == "__main__":
 import logging  # after the fast path above (E402 is allowed in this file: pyproject.toml)
 import random
 import time
+from collections.abc import Callable
+from typing import Any
 
 import hydra
 import numpy as np
@@ -70,6 +72,7 @@ def train(
     built = build_checked_backbone(cfg)
     check_data(cfg.data, cfg.paths.cache_dir if cfg.data.cache else None)  # last: it may decode every image
     run_name, tags = run_identity(cfg, choices, job)
+    pruning = trial_pruning(job)  # None unless this job is a trial of a study with a pruner
     # Resume: this config's checkpoint (a killed or preempted run) names the MLflow run to continue.
     ckpt = Checkpoint.for_config(cfg, raw)
     resilient.resumable(cfg.trainer.checkpoint)  # what the outage line tells a rerun to expect
@@ -109,7 +112,11 @@ def train(
                 metrics |= finished_results(ckpt, stage)  # its model is in the checkpoint, its results too
                 costs.append(ckpt.finished[stage.name]["costs"])
                 continue
-            fit = fit_stage(cfg, runner, stage, index, len(stages), counts, ckpt, log_epoch, stop, inputs)
+            # An Optuna study that prunes watches the last stage, whose best epoch is the trial's value.
+            watch = pruning if stage is stages[-1] else None
+            fit = fit_stage(
+                cfg, runner, stage, index, len(stages), counts, ckpt, log_epoch, stop, inputs, watch
+            )
             costs.append(stage_costs(fit))
             if stage is not stages[-1]:  # e.g. the linear probe of lp_ft, reported on its own
                 metrics |= intermediate_results(runner, fit, stage, ckpt)
@@ -117,6 +124,8 @@ def train(
         # Test the best-on-validation checkpoint of the last stage, in eval mode.
         test, labels, preds = runner.evaluate(data.splits.test)
         metrics |= final_metrics(test, fit, costs, counts, time.perf_counter() - started)
+        if pruning is not None and pruning.pruned_at is not None:  # the study's pruner ended it there
+            metrics["pruned_at"] = pruning.pruned_at  # main tells the sweeper: a pruned trial
         if runner.first_update_at is not None:  # not when a resume had nothing left to train
             metrics["startup_s"] = runner.first_update_at - launched
         log_epoch.flush()
@@ -162,6 +171,16 @@ def preflight(cfg: TrainConfig) -> str:
     experiment_id = tracking.setup_experiment(cfg.mlflow)
     check_backbone_name(cfg.backbone)
     return experiment_id
+
+
+def trial_pruning(job: sweep.Job | None) -> Any:
+    """The Optuna trial a study's job answers, when the study prunes (``hydra.sweeper.pruner``): it is
+    told each epoch's monitored validation value and may end the stage. None otherwise."""
+    if job is None or not sweep.study_prunes(HydraConfig.get().sweep.dir):
+        return None
+    from transferlab.study import pruning  # optuna: imported by the jobs of a pruning study only
+
+    return pruning(HydraConfig.get().sweep.dir, job.num)
 
 
 def seed_everything(seed: int) -> None:
@@ -227,6 +246,7 @@ def fit_stage(
     log_epoch: EpochLog,
     stop: StopSignal,
     inputs: Lookup | None,
+    prune: Callable[[int, float], bool] | None = None,
 ) -> FitResult:
     """One stage: freeze what it does not train, build its optimizer, fit, keep the best epoch."""
     trainable = runner.enter(stage)  # which parameters train, which modules stay in eval mode
@@ -250,6 +270,7 @@ def fit_stage(
         should_stop=stop.requested,
         publish=log_epoch.publish,
         scheduler=scheduler,
+        prune=prune,
     )
     runner.load_best(fit)  # the best-on-validation checkpoint: tested, or the next stage's start
     return fit
@@ -337,7 +358,8 @@ def main(raw: DictConfig) -> float:
         print(f"stopped: {resume_hint(exc)}", file=sys.stderr)
         sys.exit(128 + (getattr(exc, "signum", None) or 15))
     # The value a sweeper (Optuna) maximises: model selection never looks at the test split.
-    return float(metrics[f"best_val_{cfg.trainer.monitor}"])
+    value = float(metrics[f"best_val_{cfg.trainer.monitor}"])
+    return sweep.PrunedValue(value) if "pruned_at" in metrics else value
 
 
 def cli() -> None:

@@ -23,6 +23,9 @@ class StudySweeperConf:
     n_trials: int = 20  # finished trials of the study (all launches together)
     n_jobs: int = 1  # trials per batch: the launcher may run a batch in parallel (hydra/launcher=joblib)
     params: Any = None  # key: override grammar, e.g. optimizer.lr: tag(log, interval(1e-5, 1e-2))
+    # Any optuna pruner by _target_ (e.g. optuna.pruners.MedianPruner): each trial's job reports its
+    # per-epoch validation value and ends early when pruned; needs a storage. null: no pruning.
+    pruner: Any = None
 
 
 ConfigStore.instance().store(

@@ -138,7 +138,10 @@ def test_a_killed_search_relaunched_finishes_with_exactly_its_trials(tmp_path: P
     while True:
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no third trial with a checkpoint within 300 s"
-        states = [t.state for t in _study(db).trials] if db.exists() else []
+        try:
+            states = [t.state for t in _study(db).trials]
+        except KeyError:  # the database is there, the study not yet: "Record does not exist."
+            states = []
         if states[:3] == [TrialState.COMPLETE] * 2 + [TrialState.RUNNING] and any(
             checkpoints.glob("*/checkpoint.pt")
         ):

@@ -291,7 +291,7 @@ class Study:
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         ]
         if stale:  # left RUNNING by a launch that was killed: launched again with their own values
-            log.info("relaunching trial(s) %s, left running by a stopped launch", [n for n, _ in stale])
+            log.info("relaunching trial(s) %s, left running by a stopped launch", [n for n, _, _ in stale])
         while (room := self.n_trials - self._finished(study)) > 0:
             batch = stale[: min(self.n_jobs, room)]
             stale = stale[len(batch) :]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from .conftest import TINY
 
@@ -65,6 +66,23 @@ def test_bad_setting_is_one_line_exit_2_and_no_run(
     assert run_cli(*TINY, *store, *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and needle in err[-1] and "Fix: " in err[-1], err[-1]
+    assert _no_runs(tmp_path)
+
+
+def test_a_device_this_machine_lacks_is_one_line_before_any_run(
+    run_cli, store, tmp_path: Path, capsys
+) -> None:
+    """trainer.device=cuda / cuda:N / mps where that device is missing (before: a FAILED MLflow run and
+    torch's RuntimeError traceback)."""
+    missing = [f"cuda:{torch.cuda.device_count()}"]  # one past the last: missing on every machine
+    missing += [] if torch.cuda.is_available() else ["cuda"]
+    missing += [] if torch.backends.mps.is_available() else ["mps"]
+    for device in missing:
+        assert run_cli(*TINY, *store, f"trainer.device={device}") == 2, device
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(f"error: trainer.device: {device} ") and "Fix: use trainer.device=" in line, (
+            line
+        )
     assert _no_runs(tmp_path)
 
 

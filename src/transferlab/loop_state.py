@@ -14,7 +14,39 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
+from transferlab.schemas import ConfigError
+
 MetricLogger = Callable[[dict[str, float], int], None]
+
+
+def check_device(name: str) -> None:
+    """``trainer.device`` names a device this machine has, or one line saying so (before any run)."""
+    if name in ("auto", "cpu"):
+        return
+    fix = "use trainer.device=auto (cuda, then mps, then cpu) or trainer.device=cpu"
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("trainer.device", "mps (Apple's GPU) is not available on this machine", fix)
+        return
+    index = name.removeprefix("cuda").removeprefix(":") or "0"
+    if not index.isdigit():
+        raise ConfigError(
+            "trainer.device", f"{name!r} is no CUDA device name", "use cuda or cuda:N, N = 0, 1, ..."
+        )
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
+        raise ConfigError(
+            "trainer.device",
+            f"{name} asked, but this machine has no CUDA device (torch {torch.__version__}, built {built})",
+            fix,
+        )
+    if int(index) >= count:
+        raise ConfigError(
+            "trainer.device",
+            f"{name} asked, but this machine has {count} CUDA device(s)",
+            f"use trainer.device=cuda:0 .. cuda:{count - 1}, or auto",
+        )
 
 
 def select_device(name: str) -> torch.device:

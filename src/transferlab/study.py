@@ -17,6 +17,8 @@ submitit on a cluster) and told its value, ``train.main``'s best validation metr
 * ``hydra.sweeper.sampler`` (any optuna sampler by ``_target_``): a seeded one is seeded with its seed
   plus the number of trials the study holds, so a relaunch does not propose the first launch's values
   again; the search as a whole stays reproducible for the same sequence of launches.
+* One sweeper process per study at a time (parallel trials come from the launcher): a second one
+  would take the first's RUNNING trials for a stopped launch's and run them again.
 * MLflow: the sweep's parent run (:mod:`transferlab.sweep`) is the study's; a relaunch reopens the
   first launch's parent (stored in the study) instead of starting a second one. Each child is tagged
   ``optuna.trial``; at the end the parent carries ``optuna.best_*`` tags and ``optuna_trials.csv``.

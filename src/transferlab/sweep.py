@@ -321,6 +321,8 @@ class MlflowSweepCallback(Callback):
         )
         info = SweepInfo(parent.info.run_id, experiment_id, mlflow_cfg.tracking_uri, name, axes, groups)
         info.save(sweep_dir)
+        # A study's note to its trials' jobs, left in a reused sweep dir: a study writes it anew.
+        (Path(sweep_dir) / STATE_DIR / STUDY_FILE).unlink(missing_ok=True)
         client.log_dict(parent.info.run_id, OmegaConf.to_container(config.hydra.overrides), "overrides.json")
         atexit.register(_end_abandoned, sweep_dir)  # Ctrl-C, or a sweeper that raised: never left RUNNING
         log.info("sweep %r: MLflow parent run %s (experiment %s)", name, parent.info.run_id, experiment_id)

@@ -43,6 +43,7 @@ from transferlab.checkpoint import Checkpoint, StopSignal, resume_hint, set_dete
 from transferlab.data import PreparedData, check_data, class_counts
 from transferlab.engine import FitResult, Runner, StopRequested
 from transferlab.inputs import prepare_cached
+from transferlab.loop_state import check_device
 from transferlab.modes import check_stages, count_parameters, make_model
 from transferlab.optim import describe, param_groups
 from transferlab.preflight import check_overrides
@@ -164,9 +165,10 @@ def launch_time() -> float:
 
 
 def preflight(cfg: TrainConfig) -> str:
-    """The checks that read nothing heavy, so bad input fails in seconds and logs no run: the
-    augmentation policy, the tracking server, then the backbone's name. (Settings were checked by the schemas; the weights and the data
+    """The checks that read nothing heavy, so bad input fails in seconds and logs no run: the device,
+    the augmentation policy, the tracking server, then the backbone's name. (Settings were checked by the schemas; the weights and the data
     follow, in that order: an image folder's check decodes every file, so it comes last.)"""
+    check_device(cfg.trainer.device)  # trainer.device=cuda on a machine without one: one line, no run
     check_policy(cfg.augment)  # an auto_augment string timm cannot parse: no store touched yet
     experiment_id = tracking.setup_experiment(cfg.mlflow)
     check_backbone_name(cfg.backbone)

@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "transferlab.provenance": 2,
     "transferlab.sweep": 2,
     "transferlab.study": 2,
+    "transferlab.study_store": 2,
     "transferlab.preflight": 2,
     "transferlab.pyfunc": 2,
     "transferlab.model_code": 2,

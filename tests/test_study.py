@@ -16,7 +16,7 @@ import yaml
 from mlflow.entities import ViewType
 from optuna.trial import TrialState
 
-from transferlab.study import SEARCH_ATTR
+from transferlab.study_store import SEARCH_ATTR
 
 from .conftest import TINY, store_overrides
 from .test_sweep import _assert_one_parent_with, _tree
@@ -162,3 +162,39 @@ def test_a_killed_search_relaunched_finishes_with_exactly_its_trials(tmp_path: P
     assert set(children["status"]) == {"FINISHED"} and parents.iloc[0]["status"] == "FINISHED"
     resumed = children[children["tags.optuna.trial"] == "2"].iloc[0]
     assert resumed["tags.resumes"] == "1"
+
+
+def test_the_search_space_reads_hydras_grammar_last_value_wins_and_bad_ranges_are_one_line() -> None:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from transferlab.schemas import ConfigError
+    from transferlab.study_store import search_space
+
+    space, fixed = search_space(
+        [
+            "optimizer.lr=tag(log, interval(1e-5, 1e-2))",
+            "optimizer.weight_decay=tag(log, interval(1e-6, 1e-2))",
+            "trainer.batch_size=choice(16, 32)",
+            "seed=shuffle(range(3, 0, -1))",
+            "trainer.epochs=range(1, 4)",
+            "optimizer.weight_decay=0.01",  # the command line after hydra.sweeper.params: fixed, not searched
+        ]
+    )
+    assert space == {
+        "optimizer.lr": FloatDistribution(1e-5, 1e-2, log=True),
+        "trainer.batch_size": CategoricalDistribution([16, 32]),
+        "seed": CategoricalDistribution([1, 2, 3]),  # shuffled by Hydra, sorted here: one space per search
+        "trainer.epochs": IntDistribution(1, 4),
+    }
+    assert fixed == ["optimizer.weight_decay=0.01"]
+    for line, needle in [
+        (
+            "optimizer.lr=tag(log, interval(0, 1))",
+            "hydra.sweeper.params.optimizer.lr: optimizer.lr=tag(log, interval(0, 1)): ",
+        ),
+        ("optimizer.lr=interval(1, 0.5)", "hydra.sweeper.params.optimizer.lr: "),
+        ("optimizer.lr=interval(1e-5", "hydra.sweeper.params: "),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            search_space([line])
+        assert str(error.value).startswith(needle) and "Fix: " in str(error.value), str(error.value)

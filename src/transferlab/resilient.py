@@ -134,6 +134,7 @@ class EpochLog:
             # it, e.g. trainer.checkpoint=false): its epochs were trained, so they go to that run.
             self._send_to_their_runs([r for r in rows if r.get("run_id") != run_id])
             self.pending = [Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in keep]
+            self._write_spool()  # what is left: sent elsewhere never goes again if what follows fails
             log.info("replaying %d metric value(s) kept during an outage", len(self.pending))
             self.flush(block=True)
             self.spool.unlink(
@@ -200,6 +201,8 @@ class EpochLog:
             batch = self.pending[:1000]  # MLflow's log_batch limit
             self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
             del self.pending[: len(batch)]
+            if self.pending:  # a later batch may fail: the spool keeps only what was not sent
+                self._write_spool()
         if self.outage_since is not None:
             log.warning(
                 "tracking server back after %.0f s: kept metrics sent", time.monotonic() - self.outage_since

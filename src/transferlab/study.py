@@ -38,130 +38,34 @@ import json
 import logging
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
 from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-    distribution_to_json,
-)
 from optuna.trial import TrialState
 
 from transferlab import sweep
 from transferlab.schemas import ConfigError
+from transferlab.study_store import open_storage, open_study, search_space, shown
 
 log = logging.getLogger("transferlab.study")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-SEARCH_ATTR = "transferlab.search"  # the study's search space, fixed overrides and direction
 PARENT_ATTR = "transferlab.mlflow_parent_run_id"
-
-
-def distribution(override: Override) -> BaseDistribution | None:
-    """A sweep override as an Optuna distribution (upstream's grammar); None for a fixed value."""
-    if not override.is_sweep_override():
-        return None
-    value = override.value()
-    if override.is_choice_sweep() or (isinstance(value, RangeSweep) and value.shuffle):
-        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
-    if isinstance(value, RangeSweep):
-        if any(isinstance(v, float) for v in (value.start, value.stop, value.step)):
-            return FloatDistribution(float(value.start), float(value.stop), step=float(value.step))
-        return IntDistribution(int(value.start), int(value.stop), step=int(value.step))
-    assert isinstance(value, IntervalSweep)
-    as_int = isinstance(value.start, int) and isinstance(value.end, int)
-    kind = IntDistribution if as_int else FloatDistribution
-    return kind(value.start, value.end, log="log" in value.tags)
-
-
-def search_space(lines: Sequence[str]) -> tuple[dict[str, BaseDistribution], list[str]]:
-    """``hydra.sweeper.params`` and the command line -> (distributions by key, fixed override lines)."""
-    space: dict[str, BaseDistribution] = {}
-    fixed: list[str] = []
-    for override in OverridesParser.create().parse_overrides(list(lines)):
-        found = distribution(override)
-        if found is None:
-            assert override.input_line is not None
-            fixed.append(override.input_line)
-        else:
-            space[override.get_key_element()] = found
-    return space, fixed
-
-
-def open_storage(storage: str | None) -> Any:
-    """An RDB URL or a journal file path -> an Optuna storage (None: in memory); one line if it cannot open."""
-    if storage is None:
-        return None
-    try:
-        if "://" in storage:
-            if storage.startswith("sqlite:///"):
-                Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.RDBStorage(storage)
-        from optuna.storages.journal import JournalFileBackend
-
-        Path(storage).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(storage))
-    except Exception as exc:  # noqa: BLE001 - any driver's error: the same one line
-        raise ConfigError(
-            "hydra.sweeper.storage",
-            f"cannot open {shown(storage)} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})",
-            "pass an RDB URL that answers (sqlite:///path/study.db, postgresql://user@host/db) or a "
-            "journal file path this user can write (path/study.log), or null for an in-memory study",
-        ) from None
-
-
-def shown(storage: str | None) -> str:
-    """The storage as it may be printed and tagged: without a password."""
-    if storage is None:
-        return "memory"
-    if "://" in storage and "@" in storage:
-        scheme, rest = storage.split("://", 1)
-        userinfo, host = rest.rsplit("@", 1)
-        return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else storage
-    return storage
-
-
-def open_study(
-    name: str, storage: Any, shown_storage: str, direction: str, space: dict, fixed: list[str]
-) -> optuna.Study:
-    """The named study, created or loaded (its sampler is set after); refused when it was created for
-    another search."""
-    search = {
-        "direction": direction,
-        "space": {k: distribution_to_json(v) for k, v in sorted(space.items())},
-        "fixed": sorted(fixed),
-    }
-    study = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True)
-    found = study.user_attrs.get(SEARCH_ATTR)
-    if found is None:
-        study.set_user_attr(SEARCH_ATTR, search)
-    elif found != search:
-        differs = [k for k in search if found.get(k) != search[k]]
-        raise ConfigError(
-            "hydra.sweeper.study_name",
-            f"study {name!r} in {shown_storage} was created with another {' and '.join(differs)} "
-            f"(stored: {found[differs[0]]}; now: {search[differs[0]]})",
-            "choose another hydra.sweeper.study_name for this search, or delete the stored one: "
-            f"optuna delete-study --study-name {name} --storage <url>",
-        )
-    return study
 
 
 # -- the study's one MLflow parent run ------------------------------------------------------
 def tag_job(info: sweep.SweepInfo, sweep_dir: str, num: int, tags: dict[str, str]) -> None:
-    """Tags on job ``num``'s run (e.g. the Optuna trial it answered), when it has one."""
+    """Tags on job ``num``'s run (e.g. the Optuna trial it answered), when it ran one: a job skipped as
+    already FINISHED points at an earlier run, which keeps the tags it has."""
+    record = info.jobs_dir(sweep_dir) / f"{num}.json"
+    if record.is_file() and json.loads(record.read_text()).get("status") == "skipped":
+        return
     run_id = sweep.job_run(info, num, sweep_dir)
     if run_id is not None:
         client = MlflowClient(info.tracking_uri)
@@ -273,7 +177,9 @@ class Study:
             study = open_study(
                 name, open_storage(self.storage), shown(self.storage), self.direction, space, fixed
             )
-            study.sampler = self._sampler(len(study.trials))
+            sampler = self._sampler(len(study.trials))
+            if sampler is not None:  # None (hydra.sweeper.sampler=null): the study keeps Optuna's default
+                study.sampler = sampler
         except ConfigError as exc:  # bad input: one line, exit 2, the parent run made for it removed
             discard_parent(self.sweep_dir)
             print(f"error: {exc}", file=sys.stderr)
@@ -294,15 +200,22 @@ class Study:
         ]
         if stale:  # left RUNNING by a launch that was killed: launched again with their own values
             log.info("relaunching trial(s) %s, left running by a stopped launch", [n for n, _, _ in stale])
+        queue = stale  # asked but not launched yet: a stopped launch's, or held back (below)
         while (room := self.n_trials - self._finished(study)) > 0:
-            batch = stale[: min(self.n_jobs, room)]
-            stale = stale[len(batch) :]
-            while len(batch) < min(self.n_jobs, room):
-                trial = study.ask(space)
-                batch.append((trial.number, trial.params, trial._trial_id))
+            batch: list[tuple[int, dict[str, Any], int]] = []
+            for trial in list(queue):
+                if len(batch) < min(self.n_jobs, room) and all(trial[1] != b[1] for b in batch):
+                    batch.append(trial)
+                    queue.remove(trial)
+            while len(batch) < self.n_jobs and len(batch) + len(queue) < room:
+                asked = study.ask(space)
+                trial = (asked.number, asked.params, asked._trial_id)
+                # The same values twice in one batch would train one config twice at once (the second
+                # stops at the first's lock): it waits for the next batch, where the first's run answers it.
+                (queue if any(trial[1] == b[1] for b in batch) else batch).append(trial)
             self._share(name, batch)
             self._run(study, batch, fixed, info)
-        for number, _, _ in stale:  # n_trials was lowered below what a stopped launch had started
+        for number, _, _ in queue:  # n_trials was lowered below what a stopped launch had started
             study.tell(number, state=TrialState.FAIL)
         self._finish(study, name, info)
 
@@ -398,7 +311,7 @@ class Study:
             return
         client = MlflowClient(info.tracking_uri)
         if complete:
-            run_id = sweep.job_run(info, study.best_trial.number)
+            run_id = sweep.job_run(info, study.best_trial.number, self.sweep_dir)
             if run_id is not None:
                 tags["optuna.best_run_id"] = run_id
         for key, value in tags.items():

@@ -76,7 +76,7 @@ def train(
     pruning = trial_pruning(job)  # None unless this job is a trial of a study with a pruner
     # Resume: this config's checkpoint (a killed or preempted run) names the MLflow run to continue.
     ckpt = Checkpoint.for_config(cfg, raw)
-    resilient.resumable(cfg.trainer.checkpoint)  # what the outage line tells a rerun to expect
+    resilient.resumable(cfg.trainer.checkpoint and cfg.resume)  # what the outage line tells a rerun
     with (
         ckpt.held(),  # before the run starts: the same config twice at once fails here, clearly
         stop_signals(ckpt) as stop,
@@ -349,7 +349,8 @@ def main(raw: DictConfig) -> float:
         cfg = to_typed(raw)
         job = sweep.job(cfg) if multirun else None  # a child of the sweep's MLflow parent run
         if job is not None and job.done is not None:  # a re-launched sweep: this config FINISHED
-            return float(job.done.get(f"best_val_{cfg.trainer.monitor}", float("nan")))
+            value = float(job.done.get(f"best_val_{cfg.trainer.monitor}", float("nan")))
+            return sweep.PrunedValue(value) if "pruned_at" in job.done else value
         metrics = train(cfg, raw, choices, overrides, job)
     except ConfigError as exc:
         if multirun:  # let the sweep record this job as failed and go on

@@ -198,3 +198,15 @@ def test_the_search_space_reads_hydras_grammar_last_value_wins_and_bad_ranges_ar
         with pytest.raises(ConfigError) as error:
             search_space([line])
         assert str(error.value).startswith(needle) and "Fix: " in str(error.value), str(error.value)
+
+
+def test_a_journal_file_storage_holds_a_study_across_openings(tmp_path: Path) -> None:
+    """A path without a scheme is optuna's journal file (for file systems shared between nodes)."""
+    from transferlab.study_store import open_storage, open_study
+
+    path = tmp_path / "studies" / "lr.log"
+    space = {"optimizer.lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)}
+    first = open_study("lr", open_storage(str(path)), str(path), "maximize", space, ["seed=0"])
+    first.tell(first.ask(space), 0.5)
+    again = open_study("lr", open_storage(str(path)), str(path), "maximize", space, ["seed=0"])
+    assert path.is_file() and [(t.number, t.value) for t in again.trials] == [(0, 0.5)]

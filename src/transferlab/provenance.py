@@ -14,6 +14,7 @@ from typing import Any
 
 import mlflow
 
+from transferlab.tracking import log_new_metrics
 from transferlab.versions import package_versions
 
 _log = logging.getLogger("transferlab.provenance")
@@ -85,8 +86,8 @@ def log_reproducibility(cfg: Any, built: Any, data: Any, counts: dict[str, int])
     skipped = getattr(data, "skipped", [])
     if skipped:  # data.on_bad_image=skip: which files were left out, and why
         mlflow.log_dict([{"path": b.path, "problem": b.problem} for b in skipped], "skipped_images.json")
-    if not resumed:  # once per run: a resume reads the same images, and a second point would be a duplicate
-        mlflow.log_metric("skipped_images", len(skipped))
+    # Once per run: a resume reads the same images, and a second point would be a duplicate.
+    log_new_metrics({"skipped_images": len(skipped)})
     mlflow.set_tags(
         {
             "mlflow.source.git.commit": git["commit"],

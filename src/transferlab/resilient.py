@@ -40,6 +40,7 @@ from transferlab.schemas import ConfigError, MlflowConfig
 log = logging.getLogger("transferlab.resilient")
 T = TypeVar("T")
 SPOOL = "pending_metrics.jsonl"
+BATCH = 1000  # MLflow's log_batch limit on metrics per call
 # Set by configure(): how long a blocking send may keep retrying.
 _max_outage_s = 600.0
 _checkpointed = True  # set by resumable()
@@ -111,6 +112,11 @@ def retry(call: Callable[[], T], what: str) -> T:
             return result
 
 
+def batches(metrics: list[Metric]) -> list[list[Metric]]:
+    """``metrics`` in pieces MLflow's ``log_batch`` takes."""
+    return [metrics[start : start + BATCH] for start in range(0, len(metrics), BATCH)]
+
+
 class EpochLog:
     """The ``log(row, epoch)`` callback of the training loop: never blocks on a dead server.
 
@@ -137,9 +143,8 @@ class EpochLog:
             self._write_spool()  # what is left: sent elsewhere never goes again if what follows fails
             log.info("replaying %d metric value(s) kept during an outage", len(self.pending))
             self.flush(block=True)
-            self.spool.unlink(
-                missing_ok=True
-            )  # all of it sent or dropped (flush() removes it only if it sent)
+            # All of it sent or dropped (flush() removes the spool only when it sent something).
+            self.spool.unlink(missing_ok=True)
 
     def _send_to_their_runs(self, rows: list[dict]) -> None:
         by_run: dict[str, list[Metric]] = {}
@@ -149,8 +154,7 @@ class EpochLog:
             )
         for other, metrics in by_run.items():
             try:
-                for start in range(0, len(metrics), 1000):
-                    batch = metrics[start : start + 1000]
+                for batch in batches(metrics):
                     retry(
                         lambda batch=batch, other=other: self.client.log_batch(
                             other, metrics=batch, synchronous=True
@@ -198,7 +202,7 @@ class EpochLog:
 
     def _send(self) -> None:
         while self.pending:
-            batch = self.pending[:1000]  # MLflow's log_batch limit
+            batch = self.pending[:BATCH]
             self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
             del self.pending[: len(batch)]
             if self.pending:  # a later batch may fail: the spool keeps only what was not sent

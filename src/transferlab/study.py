@@ -63,8 +63,8 @@ PARENT_ATTR = "transferlab.mlflow_parent_run_id"
 def tag_job(info: sweep.SweepInfo, sweep_dir: str, num: int, tags: dict[str, str]) -> None:
     """Tags on job ``num``'s run (e.g. the Optuna trial it answered), when it ran one: a job skipped as
     already FINISHED points at an earlier run, which keeps the tags it has."""
-    record = info.jobs_dir(sweep_dir) / f"{num}.json"
-    if record.is_file() and json.loads(record.read_text()).get("status") == "skipped":
+    record = sweep.job_record(info, sweep_dir, num)
+    if record is not None and record.get("status") == "skipped":
         return
     run_id = sweep.job_run(info, num, sweep_dir)
     if run_id is not None:

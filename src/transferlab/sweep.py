@@ -265,13 +265,18 @@ def _own_run(info: SweepInfo, num: int) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def job_record(info: SweepInfo, sweep_dir: str, num: int) -> dict[str, Any] | None:
+    """What ``on_job_end`` recorded of job ``num`` in this launch (:func:`_record`), or None."""
+    path = info.jobs_dir(sweep_dir) / f"{num}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def job_run(info: SweepInfo, num: int, sweep_dir: str | None = None) -> str | None:
     """The MLflow run of job ``num``: from this launch's record (a skipped job names the earlier run it
     repeats), else the child of the parent tagged with that job number (an earlier launch's)."""
-    if sweep_dir is not None:
-        path = info.jobs_dir(sweep_dir) / f"{num}.json"
-        if path.is_file() and json.loads(path.read_text()).get("run_id"):
-            return json.loads(path.read_text())["run_id"]
+    record = job_record(info, sweep_dir, num) if sweep_dir is not None else None
+    if record is not None and record.get("run_id"):
+        return record["run_id"]
     return _own_run(info, num)
 
 

@@ -259,8 +259,8 @@ def log_new_metrics(metrics: Mapping[str, float]) -> None:
     have = client.get_run(run_id).data.metrics
     now = int(time.time() * 1000)
     new = [Metric(k, float(v), now, 0) for k, v in metrics.items() if k not in have]
-    for start in range(0, len(new), 1000):  # MLflow's log_batch limit
-        client.log_batch(run_id, metrics=new[start : start + 1000])
+    for batch in resilient.batches(new):
+        client.log_batch(run_id, metrics=batch)
 
 
 def log_epoch(row: dict[str, float], epoch: int) -> None:

@@ -34,6 +34,8 @@ LAYERS: dict[str, int] = {
     "transferlab.cache": 2,
     "transferlab.inputs": 2,
     "transferlab.engine": 2,
+    "transferlab.evaluation": 2,
+    "transferlab.distributed": 2,
     "transferlab.loop_state": 2,
     "transferlab.checkpoint": 2,
     "transferlab.resilient": 2,

@@ -38,6 +38,7 @@ try:
 except ImportError:  # Windows: no flock; one run per config is then the user's to ensure
     fcntl = None  # type: ignore[assignment]
 
+from transferlab import distributed
 from transferlab.engine import FitState, Runner, StopRequested
 from transferlab.schemas import ConfigError, TrainConfig, config_hash
 
@@ -121,6 +122,14 @@ class Checkpoint:
                 f"no checkpoint of run {cfg.resume_run} for this config (hash {digest}; {found})",
                 "launch with exactly the run's config (its overrides.json), or drop resume_run",
             )
+        if meta is not None and meta["world_size"] != distributed.world().size:
+            raise ConfigError(
+                "resume",
+                f"checkpoint {ckpt.path} was written by a run over {meta['world_size']} process(es), and "
+                f"this launch has {distributed.world().size}: the shares of each batch would not match",
+                f"relaunch with {meta['world_size']} process(es) (torchrun --nproc_per_node), "
+                "or pass resume=false to start a new run",
+            )
         if meta is not None:
             ckpt.run_id = meta["run_id"]
             ckpt.resumed_from = {"epoch": meta["epoch"], "step": meta["step"]}
@@ -158,6 +167,7 @@ class Checkpoint:
             "step": fit["step"],
             "stage": blob["stage"],
             "finished": blob["finished"],
+            "world_size": blob.get("world_size", 1),
         }
 
     @contextmanager
@@ -167,7 +177,8 @@ class Checkpoint:
         An exclusive ``flock`` on ``lock`` beside the checkpoint, taken before the MLflow run starts
         and released by the operating system if the process dies, so a crash never leaves it stuck.
         """
-        if not self.enabled or fcntl is None:  # no checkpoint to share (or no flock: Windows)
+        # No checkpoint to share (or no flock: Windows); under torchrun rank 0 alone writes it.
+        if not self.enabled or fcntl is None or not distributed.is_main():
             yield
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,6 +222,7 @@ class Checkpoint:
         if runner.ema is not None and blob.get("ema") is not None:
             runner.ema.module.load_state_dict(blob["ema"])
         set_rng_state(blob["rng"], runner)
+        distributed.set_rng_states(blob.get("rng_ranks"))  # under torchrun: this rank's own generators
         state = FitState(**blob["fit"])
         log.info("resuming run %s at epoch %d step %d from %s", run_id, state.epoch, state.step, self.path)
         self.resumed_from = None  # restored once: a later stage of the same run starts fresh
@@ -218,6 +230,9 @@ class Checkpoint:
 
     def save(self, state: FitState) -> None:
         if not self.enabled:
+            return
+        ranks = distributed.rng_states()  # every rank takes part; rank 0 alone writes
+        if not distributed.is_main():
             return
         runner = self._runner
         blob = {
@@ -232,11 +247,15 @@ class Checkpoint:
             "rng": rng_state(runner),
             "stage": runner.stage.name if runner.stage is not None else None,
             "finished": self.finished,
+            "world_size": distributed.world().size,
+            "rng_ranks": ranks,
         }
         atomic_save(blob, self.path)
 
     def remove(self) -> None:
         """After a finished run: the next launch of this config is a new run, not a resume."""
+        if not distributed.is_main():
+            return
         self.path.unlink(missing_ok=True)
         self.path.with_name("lock").unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # something else lives there: keep it

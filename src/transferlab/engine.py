@@ -11,7 +11,8 @@ training images come through a DataLoader (``trainer.num_workers``), each under 
 An optimizer update closes a window of ``trainer.accumulate_steps`` batches: gradients are clipped
 (``trainer.grad_clip_norm``), the optimizer steps, the EMA (``trainer.ema_decay``) follows, and the
 lr schedule moves to the next update. A stop request is honoured after an update, so a checkpoint
-never holds half a window's gradients.
+never holds half a window's gradients. Under torchrun each rank trains on its share of every batch
+(:mod:`transferlab.distributed`); evaluation is :class:`~transferlab.evaluation.Evaluator`'s.
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm.auto import tqdm
 
+from transferlab import distributed
 from transferlab.augment import AugmentedImages, build_mixup, build_train_transform, seeded
 from transferlab.backbones import TransferModel
 from transferlab.cache import FeatureCache
-from transferlab.data import PreparedData, eval_crop, normalize, worker_setup
+from transferlab.data import PreparedData, worker_setup
+from transferlab.evaluation import Evaluator
 from transferlab.loop_state import (  # re-exported: the engine's public names
     FitResult,
     FitState,
@@ -65,7 +67,7 @@ __all__ = [
 ]
 
 
-class Runner:
+class Runner(Evaluator):
     """Runs batches of a :class:`TransferModel` over :class:`PreparedData` on one device.
 
     Built once per run; each stage of the run is one :meth:`fit`, and what trains in it is decided
@@ -89,6 +91,9 @@ class Runner:
         self.mixup = (
             build_mixup(self.augment, cfg.label_smoothing, data.num_classes) if self.augment else None
         )
+        self.world = distributed.world()  # one process, or one rank of a torchrun run
+        if cfg.sync_batchnorm and self.world.active:
+            self.model = distributed.convert_sync_batchnorm(model)
         self.device = select_device(cfg.device)
         self.precision = Precision.for_device(self.device, cfg.amp)
         # channels_last pays off for convolutions; it is a no-op layout hint for ViTs.
@@ -96,6 +101,7 @@ class Runner:
         self.model.to(self.device, memory_format=self.memory_format)
         # The live path's forward; the model itself (and its state dict) stays the plain module.
         self.net = torch.compile(self.model) if cfg.compile else self.model
+        self.train_net: nn.Module = self.net  # what a training batch runs (enter(): per stage)
         # Page-locked host batches let the copy to the GPU overlap with compute.
         self.pin_memory = cfg.pin_memory and self.device.type == "cuda"
         self.feature_cache = feature_cache
@@ -119,6 +125,12 @@ class Runner:
         # A fresh fp16 grad scaler too: a stage never starts from the scale the one before it reached.
         self.precision = Precision.for_device(self.device, self.cfg.amp)
         self.trainable = freeze(self.model, stage)
+        self.train_net = self.model.head if self.frozen_features else self.net
+        if self.world.active:  # gradients averaged over the ranks: DDP over what trains in this stage
+            target = distributed.wrap(self.model.head if self.frozen_features else self.model, self.device)
+            self.train_net = (
+                torch.compile(target) if self.cfg.compile and not self.frozen_features else target
+            )
         # The average starts from the stage's starting weights (lp_ft's fine-tune: the probe's head) and
         # covers what trains (a frozen backbone's copy would be averaged for nothing). timm's warmup
         # ramps the decay (1 - (1 + step) ** -2/3, capped at ema_decay): a short fine-tune's average
@@ -144,21 +156,6 @@ class Runner:
             raise RuntimeError("Runner.enter(stage) must come before fitting: it decides what trains")
         return self.trainable
 
-    def compute_identity(self) -> dict[str, object]:
-        """How this runner computes backbone outputs: part of the feature cache's key."""
-        return {
-            "device": self.device.type,
-            "dtype": str(self.precision.dtype) if self.precision.enabled else "torch.float32",
-            "channels_last": self.cfg.channels_last,
-            "batch_size": self.cfg.batch_size,
-        }
-
-    # -- inputs --------------------------------------------------------------------------------
-    def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
-        """The eval crop of stored images, normalised on the device: what validation and test see."""
-        batch = self._to_device(eval_crop(self.data.images[idx], self.data.preprocess))
-        return normalize(batch, self.data.preprocess).contiguous(memory_format=self.memory_format)
-
     def _train_inputs(self, state: FitState, batches: list[torch.Tensor]) -> Iterator[torch.Tensor | None]:
         """Each remaining batch's inputs from ``state.step``: augmented per image through a DataLoader,
         the eval crop otherwise, None on frozen features (the head reads ``self.features``)."""
@@ -182,29 +179,17 @@ class Runner:
         for batch in loader:
             yield self._to_device(batch).contiguous(memory_format=self.memory_format)
 
-    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
-        # pin_memory() draws from PyTorch's caching host allocator, which keeps the block alive
-        # until the asynchronous copy has finished, so the non-blocking copy is safe.
-        return (batch.pin_memory() if self.pin_memory else batch).to(self.device, non_blocking=True)
-
-    @torch.inference_mode()
-    def extract_features(self) -> torch.Tensor:
-        """Backbone output for every image, once, in eval mode (inference: BN stats untouched)."""
-        self.model.eval()
-        order = torch.arange(len(self.data.labels))
-        chunks = []
-        for idx in order.split(self.cfg.batch_size):
-            with self.precision.autocast():
-                chunks.append(self.model.backbone(self._inputs(idx)).float())
-        return torch.cat(chunks)
-
     # -- loops ---------------------------------------------------------------------------------
     def _logits(
         self, idx: torch.Tensor, inputs: torch.Tensor | None = None, train: bool = False
     ) -> torch.Tensor:
         """Training: the live model (its compiled forward); evaluation: the EMA weights when kept (the
         whole model's, or with a frozen backbone the head's)."""
-        ema = self.ema.module if self.ema is not None and not train else None
+        if train:  # the stage's training forward: DDP-wrapped over several ranks, compiled if asked
+            return self.train_net(
+                self.features[idx.to(self.features.device)] if self.features is not None else inputs
+            )
+        ema = self.ema.module if self.ema is not None else None
         frozen = not self._trainable().trains_backbone
         if self.features is not None:
             head = ema if ema is not None else self.model.head
@@ -238,7 +223,8 @@ class Runner:
         )
         totals, accumulate = state.totals, self.cfg.accumulate_steps
         start = time.perf_counter()
-        batches = self._epoch_batches(len(state.order))
+        batches = self._epoch_batches(len(state.order))  # global: every rank's shares together
+        mine = [distributed.shard(b) for b in batches] if self.world.active else batches
         # In a log file (no TTY) redraw rarely rather than once per batch.
         bar = tqdm(
             range(state.step, len(batches)),
@@ -248,23 +234,27 @@ class Runner:
             unit="batch",
             mininterval=0.5 if sys.stderr.isatty() else 30,
         )
-        inputs = self._train_inputs(state, batches)
+        inputs = self._train_inputs(state, mine)
         contributed = False  # whether a batch of the open window had a finite loss
         try:
             for b in bar:
-                idx = state.order[batches[b]]
+                idx = state.order[mine[b]]
                 window = len(batches[b - b % accumulate : b - b % accumulate + accumulate])
                 if b % accumulate == 0:
                     optimizer.zero_grad(set_to_none=True)
                 labels = self._to_device(self.data.labels[idx])
                 x, targets = next(inputs), labels
                 if mixup is not None:  # seeded per batch, like the images: a resumed epoch mixes the same
-                    with seeded(int(state.seeds[batches[b][0]]) + 1):
+                    with seeded(int(state.seeds[mine[b][0]]) + 1):
                         x, targets = mixup(x, labels)  # augmenting: never on frozen features
                 with self.precision.autocast():
                     logits = self._logits(idx, x, train=True)
                     loss = loss_fn(logits.float(), targets)
-                value = loss.item()
+                value, seen, correct = loss.item(), len(idx), (logits.argmax(1) == labels).sum().item()
+                if self.world.active:  # the whole batch's, summed over the ranks: all agree on it
+                    total, correct, seen = distributed.all_sum([value * seen, correct, seen])
+                    value, correct, seen = total / seen, int(correct), int(seen)
+                    loss = loss * (len(idx) * self.world.size / seen)  # DDP averages: a share's weight
                 if not math.isfinite(value):
                     if self.cfg.on_nan == "error":
                         raise NonFiniteLossError(
@@ -280,9 +270,9 @@ class Runner:
                     else:
                         scaled.backward()
                     contributed = True
-                    totals["loss"] += value * len(idx)
-                    totals["correct"] += (logits.argmax(1) == labels).sum().item()
-                    totals["seen"] += len(idx)
+                    totals["loss"] += value * seen
+                    totals["correct"] += correct
+                    totals["seen"] += seen
                     bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.4f}", refresh=False)
                 state.step += 1
                 state.global_step += 1
@@ -293,6 +283,9 @@ class Runner:
                         raise StopRequested(state)
         finally:
             inputs.close()  # an error or a stop mid-epoch: a DataLoader's workers end now
+        for module in (self.model, self.ema.module if self.ema is not None else None):
+            if module is not None:  # several ranks: rank 0's BatchNorm statistics are evaluated
+                distributed.broadcast_buffers(module)
         seconds = time.perf_counter() - start
         seen = totals["seen"]
         return {
@@ -331,32 +324,17 @@ class Runner:
     def _epoch_batches(self, images: int) -> list[torch.Tensor]:
         """Batches of positions in an epoch's order (a position indexes the order and the seeds);
         even-sized when mixup pairs the images of a batch."""
+        ranks = self.world.size  # over torchrun a batch is every rank's trainer.batch_size
         return training_batches(
-            torch.arange(images), self.cfg.batch_size, even=self.mixup is not None and self.augmenting
+            torch.arange(images),
+            self.cfg.batch_size * ranks,
+            even=self.mixup is not None and self.augmenting,
+            ranks=ranks,
         )
 
     def updates_per_epoch(self) -> int:
         """Optimizer updates in one epoch of this stage (the schedule's unit)."""
         return math.ceil(len(self._epoch_batches(len(self.data.splits.train))) / self.cfg.accumulate_steps)
-
-    @torch.inference_mode()
-    def predict(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        """Eval mode for inference (the article's last gotcha). Returns labels, predictions, mean loss."""
-        self.model.eval()
-        idx_all = torch.from_numpy(indices)
-        preds, total_loss = [], 0.0
-        for idx in idx_all.split(self.cfg.batch_size):
-            labels = self.data.labels[idx].to(self.device)
-            with self.precision.autocast():
-                logits = self._logits(idx).float()
-            total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            preds.append(logits.argmax(1).cpu())
-        labels_np = self.data.labels[idx_all].numpy()
-        return labels_np, torch.cat(preds).numpy(), total_loss / max(1, len(indices))
-
-    def evaluate(self, indices: np.ndarray) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-        labels, preds, loss = self.predict(indices)
-        return classification_metrics(labels, preds, loss), labels, preds
 
     def fit(
         self,
@@ -387,11 +365,11 @@ class Runner:
             if self.feature_cache is None:
                 self.features = self.extract_features()
             else:  # computed once per key on disk, shared with every other run and sweep job
-                self.features = self.feature_cache.features(
-                    self.model.backbone, self.data, self.compute_identity(), self.extract_features
-                ).to(self.device)
+                self.features = self._cached_features().to(self.device)
             feature_seconds = time.perf_counter() - start
         state = state or FitState(epoch=start_epoch)
+        asked = should_stop
+        should_stop = lambda: distributed.any_rank(asked())  # noqa: E731 - every rank stops at one step
         cache_hit = None
         if self.features is not None and self.feature_cache is not None:
             cache_hit = self.feature_cache.lookup is not None and self.feature_cache.lookup.hit
@@ -409,7 +387,8 @@ class Runner:
                     state.best_value = val[self.cfg.monitor]
                     state.best_epoch = state.epoch
                     state.best_state = copy.deepcopy(self._kept().state_dict())
-                pruned = prune is not None and prune(state.epoch, val[self.cfg.monitor])  # told every epoch
+                # Told every epoch (on rank 0: the others have no trial); every rank obeys its answer.
+                pruned = distributed.any_rank(prune is not None and prune(state.epoch, val[self.cfg.monitor]))
                 if pruned or patience is not None and state.epoch - state.best_epoch >= patience:
                     state.stopped_early_at = state.epoch
                 state.next_epoch()

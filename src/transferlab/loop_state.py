@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
+from transferlab.distributed import device_for
 from transferlab.schemas import ConfigError
 
 MetricLogger = Callable[[dict[str, float], int], None]
@@ -50,6 +51,9 @@ def check_device(name: str) -> None:
 
 
 def select_device(name: str) -> torch.device:
+    local = device_for(name)  # one of several torchrun processes on CUDA: its own GPU
+    if local is not None:
+        return local
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -142,16 +146,20 @@ class FitResult:
     stopped_early_at: int | None = None
 
 
-def training_batches(order: torch.Tensor, batch_size: int, even: bool = False) -> list[torch.Tensor]:
-    """``order`` in batches; a last batch of one image joins the one before it.
+def training_batches(
+    order: torch.Tensor, batch_size: int, even: bool = False, ranks: int = 1
+) -> list[torch.Tensor]:
+    """``order`` in batches; a last batch too small to share joins the one before it.
 
     BatchNorm in train mode cannot normalise a single sample (PyTorch raises), so a split size
-    that leaves one image over would crash full fine-tuning in its last step. ``even`` (mixup pairs
-    each image with another of its batch): an odd last batch leaves its last image out this epoch.
+    that leaves one image over would crash full fine-tuning in its last step; over ``ranks`` processes
+    (torchrun), each takes a share of every batch, so a last batch of fewer than two per process joins
+    the one before. ``even`` (mixup pairs each image with another of its share): a last batch is cut
+    to a multiple of two per process, the images left out sit out this epoch.
     """
     batches = list(order.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
+    if len(batches) > 1 and len(batches[-1]) < 2 * ranks:
         batches[-2:] = [torch.cat(batches[-2:])]
-    if even and len(batches[-1]) % 2:
-        batches[-1] = batches[-1][:-1]
+    if even and len(batches[-1]) % (2 * ranks):
+        batches[-1] = batches[-1][: len(batches[-1]) - len(batches[-1]) % (2 * ranks)]
     return [b for b in batches if len(b)]

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from transferlab import model_code
 from transferlab.backbones import Preprocess
 from transferlab.classifier import FILES, WEIGHTS, ModelFilesError, check_folder, write_files
+from transferlab.distributed import rank_zero_only
 from transferlab.pyfunc import IMAGE
 from transferlab.schemas import ConfigError
 from transferlab.sweep import CONFIG_HASH
@@ -94,6 +95,7 @@ def example_png(stored: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+@rank_zero_only
 def log_model(
     state: dict[str, torch.Tensor],
     config_yaml: str,

@@ -14,6 +14,7 @@ from typing import Any
 
 import mlflow
 
+from transferlab.distributed import rank_zero_only
 from transferlab.tracking import log_new_metrics
 from transferlab.versions import package_versions
 
@@ -39,6 +40,7 @@ def command_line() -> str:
     return " ".join([Path(sys.executable).name, "-m", "transferlab.train", *sys.argv[1:]])
 
 
+@rank_zero_only
 def log_reproducibility(cfg: Any, built: Any, data: Any, counts: dict[str, int]) -> None:
     """Everything needed to trust and rerun the numbers; never environment variables."""
     git = git_state(cfg.paths.root_dir)

@@ -35,6 +35,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from transferlab.distributed import is_main
 from transferlab.schemas import ConfigError, MlflowConfig
 
 log = logging.getLogger("transferlab.resilient")
@@ -130,7 +131,9 @@ class EpochLog:
         self.spool = spool_dir / SPOOL
         self.pending: list[Metric] = []
         self.outage_since: float | None = None
-        if self.spool.exists():  # left by a run that stopped during an outage: replay it first
+        if (
+            self.spool.exists() and is_main()
+        ):  # under torchrun rank 0 logs, and keeps the spool  # left by a run that stopped during an outage: replay it first
             rows = [json.loads(line) for line in self.spool.read_text().splitlines() if line]
             own = [r for r in rows if r.get("run_id") == run_id]
             keep = [r for r in own if resume_step is None or r["step"] < resume_step]
@@ -170,6 +173,8 @@ class EpochLog:
 
     def __call__(self, row: dict[str, float], step: int) -> None:
         """Record an epoch's values: on disk at once, sent by :meth:`publish` after the checkpoint."""
+        if not is_main():
+            return
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in row.items()]
         self._write_spool()

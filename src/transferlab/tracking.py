@@ -1,4 +1,8 @@
-"""MLflow: one run per invocation, with what it takes to trust and reproduce the numbers."""
+"""MLflow: one run per invocation, with what it takes to trust and reproduce the numbers.
+
+Under torchrun rank 0 alone logs (the functions marked ``rank_zero_only`` do nothing elsewhere):
+one MLflow run per run, whatever the number of processes.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
@@ -23,6 +28,7 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 
 from transferlab import resilient
+from transferlab.distributed import is_main, rank_zero_only
 from transferlab.schemas import ConfigError, MlflowConfig
 
 _log = logging.getLogger("transferlab.tracking")
@@ -76,6 +82,7 @@ def ui_link(tracking_uri: str, experiment_id: str, run_id: str | None = None) ->
     return f"{base}{path}?workflowType=machine_learning"
 
 
+@rank_zero_only
 def setup_experiment(cfg: MlflowConfig) -> str:
     """Point MLflow at the store and return the experiment id, creating it with our artifact root
     (and tagged as a model-training experiment, :data:`EXPERIMENT_KIND`)."""
@@ -128,6 +135,9 @@ def mlflow_run(
     and what follows is appended (MLflow's system metrics continue their steps). ``system_metrics``:
     the ``mlflow`` config whose ``system_metrics`` keys say whether MLflow samples CPU, memory and GPU.
     """
+    if not is_main():  # another rank of a torchrun run: rank 0 holds the run; this one logs nothing
+        yield SimpleNamespace(info=SimpleNamespace(run_id=run_id))
+        return
     sample = system_metrics is not None and system_metrics.system_metrics
     if sample:
         mlflow.set_system_metrics_sampling_interval(system_metrics.system_metrics_interval_s)
@@ -170,6 +180,7 @@ def _end_quietly(status: int, error: str, exc: BaseException | None) -> None:
             mlflow.end_run()
 
 
+@rank_zero_only
 def log_dataset(name: str, source: str, fingerprint: str, context: str, sizes: dict[str, int]) -> None:
     """The dataset as an MLflow input: its source and a digest of the exact pixels and labels used."""
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local-file sources
@@ -220,10 +231,12 @@ def log_confusion(labels: np.ndarray, preds: np.ndarray, classes: list[str], pre
     plt.close(fig)
 
 
+@rank_zero_only
 def log_json(obj: Any, name: str) -> None:
     mlflow.log_dict(obj, name)
 
 
+@rank_zero_only
 def log_state_dict(state: dict[str, Any], name: str) -> None:
     """A plain tensor state dict (loadable with ``torch.load(weights_only=True)``), as an artifact."""
     import torch
@@ -235,6 +248,7 @@ def log_state_dict(state: dict[str, Any], name: str) -> None:
         resilient.retry(lambda: mlflow.log_artifact(str(path)), f"log {name}")
 
 
+@rank_zero_only
 def log_params(cfg: Any, raw: Any) -> None:
     """The flattened resolved config as params, and the resolved YAML as an artifact."""
     from omegaconf import OmegaConf
@@ -248,6 +262,7 @@ def log_params(cfg: Any, raw: Any) -> None:
     mlflow.log_text(OmegaConf.to_yaml(raw, resolve=True), "config.yaml")
 
 
+@rank_zero_only
 def log_new_metrics(metrics: Mapping[str, float]) -> None:
     """Metrics a run logs once (step 0): those it has not got yet, all with one timestamp.
 
@@ -263,10 +278,12 @@ def log_new_metrics(metrics: Mapping[str, float]) -> None:
         client.log_batch(run_id, metrics=batch)
 
 
+@rank_zero_only
 def log_epoch(row: dict[str, float], epoch: int) -> None:
     mlflow.log_metrics(row, step=epoch)
 
 
+@rank_zero_only
 def log_results(
     metrics: dict[str, float],
     labels: np.ndarray,
@@ -324,7 +341,8 @@ def log_stage(
         mlflow.log_params(params)
         mlflow.log_dict(record, f"stages/{stage.name}.json")
 
-    resilient.retry(send, f"log stage {stage.name}")
+    if is_main():
+        resilient.retry(send, f"log stage {stage.name}")
     _log.info(
         "stage %s (steps %d-%d): %s trainable parameters (%s), head lr %g, backbone lr %s",
         stage.name,
@@ -342,6 +360,7 @@ def log_stage(
     return lambda row, step: write({**row, **extra}, step)
 
 
+@rank_zero_only
 def log_cache_use(cfg: Any, trains_backbone: bool, augmented: bool, inputs: Any) -> None:
     """Tags (and a log line) saying whether the caches under paths.cache_dir serve this run, and why not.
 

@@ -35,7 +35,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import model_store, provenance, resilient, sweep, tracking
+from transferlab import distributed, model_store, provenance, resilient, sweep, tracking
 from transferlab.augment import check_policy
 from transferlab.backbones import BuiltBackbone, build_backbone, check_backbone_name, find_classifier
 from transferlab.cache import FeatureCache, Lookup
@@ -92,10 +92,14 @@ def train(
 
         # The new head on the backbone; what trains is decided per stage (transferlab.modes.freeze).
         model = make_model(built.model, data.num_classes)
+        per_update = cfg.trainer.batch_size * cfg.trainer.accumulate_steps  # one process's images
         counts = {
             "total_params": count_parameters(model),
             "head_params": count_parameters(model.head),
-            "effective_batch_size": cfg.trainer.batch_size * cfg.trainer.accumulate_steps,
+            "effective_batch_size": per_update,
+            # Under torchrun each of world_size processes takes its batch of every update.
+            "world_size": distributed.world().size,
+            "global_batch_size": per_update * distributed.world().size,
         }
         provenance.log_reproducibility(cfg, built, data, counts)
         # Frozen features are computed once per backbone, weights and images, and shared on disk.
@@ -169,6 +173,8 @@ def preflight(cfg: TrainConfig) -> str:
     the augmentation policy, the tracking server, then the backbone's name. (Settings were checked by the schemas; the weights and the data
     follow, in that order: an image folder's check decodes every file, so it comes last.)"""
     check_device(cfg.trainer.device)  # trainer.device=cuda on a machine without one: one line, no run
+    # Launched by torchrun (or as Slurm tasks): its requests checked on every rank, then the group joined.
+    distributed.setup(cfg.trainer.device, cfg.trainer.dist_backend, cfg.trainer.sync_batchnorm)
     check_policy(cfg.augment)  # an auto_augment string timm cannot parse: no store touched yet
     experiment_id = tracking.setup_experiment(cfg.mlflow)
     check_backbone_name(cfg.backbone)
@@ -178,8 +184,8 @@ def preflight(cfg: TrainConfig) -> str:
 def trial_pruning(job: sweep.Job | None) -> Any:
     """The Optuna trial a study's job answers, when the study prunes (``hydra.sweeper.pruner``): it is
     told each epoch's monitored validation value and may end the stage. None otherwise."""
-    if job is None or not sweep.study_prunes(HydraConfig.get().sweep.dir):
-        return None
+    if job is None or not distributed.is_main() or not sweep.study_prunes(HydraConfig.get().sweep.dir):
+        return None  # under torchrun rank 0 reports to the study; every rank obeys (Runner.fit)
     from transferlab.study import pruning  # optuna: imported by the jobs of a pruning study only
 
     return pruning(HydraConfig.get().sweep.dir, job.num)
@@ -209,6 +215,7 @@ def run_identity(cfg: TrainConfig, choices: dict[str, str], job: sweep.Job | Non
         "seed": str(cfg.seed),
         # Which weights were validated, kept as best and tested: the EMA's when trainer.ema_decay is set.
         "tested_weights": "ema" if cfg.trainer.ema_decay else "model",
+        "world_size": str(distributed.world().size),  # processes of this one run (torchrun)
         sweep.CONFIG_HASH: config_hash(cfg),
     }
     run_name = cfg.mlflow.run_name
@@ -360,6 +367,8 @@ def main(raw: DictConfig) -> float:
     except StopRequested as exc:  # SIGTERM/SIGINT: checkpoint saved, MLflow run KILLED
         print(f"stopped: {resume_hint(exc)}", file=sys.stderr)
         sys.exit(128 + (getattr(exc, "signum", None) or 15))
+    finally:
+        distributed.teardown()  # under torchrun: leave the process group (no-op for one process)
     # The value a sweeper (Optuna) maximises: model selection never looks at the test split.
     value = float(metrics[f"best_val_{cfg.trainer.monitor}"])
     return sweep.PrunedValue(value) if "pruned_at" in metrics else value

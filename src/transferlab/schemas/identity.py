@@ -29,7 +29,13 @@ NOT_SEMANTIC = (
 # Keys added after runs were logged, at the value that means "not used": left out of the identity, so
 # a config that does not use them keeps the config hash (sweep resume, checkpoints) and the
 # decoded-input cache key it had before they existed.
-LATER_DEFAULTS: dict[str, Any] = {"data.folds": None, "data.fold": 0, "data.train_per_class": None}
+LATER_DEFAULTS: dict[str, Any] = {
+    "data.folds": None,
+    "data.fold": 0,
+    "data.train_per_class": None,
+    "trainer.sync_batchnorm": False,
+    "trainer.dist_backend": "auto",
+}
 
 
 def drop_later_defaults(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -47,6 +47,11 @@ class TrainerConfig:
     # Stop a stage after this many epochs without a better validation monitor value (metric
     # stopped_early_at: the last epoch trained); null: train every epoch.
     early_stop_patience: int | None = None
+    # Under torchrun (several processes, one run): BatchNorm statistics over the global batch instead of
+    # each process's share (GPUs only; PyTorch's SyncBatchNorm has no CPU kernel).
+    sync_batchnorm: bool = False
+    # torch.distributed backend under torchrun: auto = nccl on GPUs, gloo on CPU.
+    dist_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -84,6 +89,10 @@ class TrainerConfig:
                 "trainer.early_stop_patience",
                 f"must be >= 1 or null, got {self.early_stop_patience}",
                 "use e.g. 3, or null to train every epoch",
+            )
+        if self.dist_backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(
+                "trainer.dist_backend", f"unknown backend {self.dist_backend!r}", "use auto, nccl or gloo"
             )
         if self.monitor not in ("accuracy", "balanced_accuracy", "macro_f1", "loss"):
             raise ConfigError(

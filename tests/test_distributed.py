@@ -180,3 +180,36 @@ def test_bad_input_under_torchrun_is_one_line_and_every_rank_exits(
     if db.exists():  # refused before any run was started
         mlflow.set_tracking_uri(f"sqlite:///{db}")
         assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_lp_ft_over_two_processes_shares_the_frozen_feature_pass_and_its_cache(
+    tmp_path: Path, run_cli
+) -> None:
+    """The probe's frozen-feature pass is split across the ranks by whole batches and stored once by
+    rank 0: a one-process run of the same per-process batch then finds it (same key, same features)."""
+    lp_ft = [*VIT, "mode=lp_ft", "mode.probe_epochs=2", "trainer.epochs=1"]
+    ddp_root, one_root = tmp_path / "ddp", tmp_path / "one"
+    ddp_root.mkdir()
+    rc, out = torchrun(ddp_root, *lp_ft, "trainer.batch_size=8")
+    assert rc == 0, out[-3000:]
+    ddp = only_run(ddp_root)
+    assert ddp.info.status == "FINISHED"
+    assert ddp.data.metrics["feature_cache_hit"] == 0.0  # computed here, by both ranks, stored once
+    assert len(list((ddp_root / "cache" / "features").glob("*.safetensors"))) == 1
+
+    assert run_cli(*store_overrides(one_root), *lp_ft, "trainer.batch_size=16") == 0
+    one = only_run(one_root)
+    for key in (
+        "probe_best_val_accuracy",
+        "probe_test_accuracy",
+        "probe_test_loss",
+        "test_loss",
+        "test_accuracy",
+    ):
+        assert ddp.data.metrics[key] == pytest.approx(one.data.metrics[key], abs=TOLERANCE), key
+
+    # One process at the per-process batch, on the 2-process run's cache: a hit on its entry.
+    same_cache = [*store_overrides(one_root / "again"), f"paths.cache_dir={ddp_root}/cache"]
+    assert run_cli(*same_cache, *lp_ft, "trainer.batch_size=8") == 0
+    again = only_run(one_root / "again")
+    assert again.data.metrics["feature_cache_hit"] == 1.0

@@ -174,6 +174,16 @@ def test_launcher_configs_compose(compose_cfg) -> None:
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     launcher = cfg.hydra.launcher
     assert (launcher.gpus_per_node, launcher.timeout_min, launcher.max_num_timeout) == (1, 240, 3)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=slurm_ddp", "hydra.launcher.gpus_per_node=8", "hydra.launcher.nodes=2"],
+            return_hydra_config=True,
+        )
+    ddp = cfg.hydra.launcher  # one task per GPU unless told otherwise
+    assert ddp._target_.endswith("SlurmLauncher")
+    assert (ddp.nodes, ddp.gpus_per_node, ddp.tasks_per_node, ddp.max_num_timeout) == (2, 8, 8, 3)
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))

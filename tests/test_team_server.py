@@ -1,4 +1,5 @@
-"""A team tracking server for real: PostgreSQL behind ``mlflow server``, parallel sweep jobs logging at once.
+"""A team tracking server for real: PostgreSQL behind ``mlflow server``, parallel sweep jobs and a 2-process
+DDP run logging at once.
 
 PostgreSQL comes from the distribution's packages (``.ci/run`` installs them when missing); the test
 starts its own cluster as an unprivileged user in a temporary folder, on a loopback port, and stops it.
@@ -97,12 +98,38 @@ def _check_tree(client: MlflowClient, done: subprocess.CompletedProcess) -> None
 
 @pytest.mark.slow  # about 2 min: a PostgreSQL cluster, an MLflow server and a 4-job sweep; CI runs it
 @pytest.mark.guarantee
-def test_four_parallel_jobs_log_into_a_postgresql_backed_server(postgres: str, tmp_path: Path) -> None:
+def test_four_parallel_jobs_and_a_ddp_run_log_into_a_postgresql_backed_server(
+    postgres: str, tmp_path: Path
+) -> None:
+    """The 4-job sweep and, at the same time, one 2-process torchrun run (rank 0 logs it)."""
     server = Server(tmp_path, backend=postgres, workers=2)
     server.start()
+    ddp_root = tmp_path / "ddp"
+    ddp_root.mkdir()
+    args = [a for a in TINY if not a.startswith("trainer.epochs")] + [f"trainer.epochs={EPOCHS}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "transferlab.train", *args, "mode=full_finetune", f"mlflow.tracking_uri={server.url}",
+           f"mlflow.artifact_location={ddp_root}/artifacts", f"paths.cache_dir={ddp_root}/cache",
+           f"hydra.run.dir={ddp_root}/run"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = ddp_root / "torchrun.log"
+    with open(log, "w") as out:  # a file, not a pipe: nothing reads it until the sweep is done
+        ddp = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        _check_tree(MlflowClient(server.url), _sweep(tmp_path, server.url))
+        client = MlflowClient(server.url)
+        _check_tree(client, _sweep(tmp_path, server.url))
+        assert ddp.wait(timeout=600) == 0, log.read_text()[-3000:]
+        (experiment,) = [e for e in client.search_experiments() if e.name == "transferlab"]
+        (run,) = [
+            r for r in client.search_runs([experiment.experiment_id]) if "sweep.role" not in r.data.tags
+        ]
+        assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+        for key in ("train_loss", "val_loss", "val_accuracy"):
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == list(range(EPOCHS)), (key, steps)
     finally:
+        if ddp.poll() is None:
+            ddp.kill()
         server.stop()
 
 

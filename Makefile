@@ -50,10 +50,11 @@ serve: $(STAMP) ## serve a run's model on 127.0.0.1:$(PORT): make serve MODEL=mo
 	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
 	  $(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local --host 127.0.0.1 --port $(or $(PORT),5001)
 
-bench: $(STAMP) ## the benchmarks: vs the seed article's loop (BENCH_ARGS=--full), the recipe's cost, the data path (~25 min)
+bench: $(STAMP) ## the benchmarks: vs the seed article's loop (BENCH_ARGS=--full), the recipe's cost, the data path, DDP vs one process (~27 min)
 	$(BIN)/python -m transferlab.bench $(BENCH_ARGS)
 	$(BIN)/python experiments/benchmarks/recipe.py
 	$(BIN)/python experiments/benchmarks/data_path.py
+	$(BIN)/python experiments/benchmarks/ddp.py
 
 gpu-check: $(STAMP) ## on a GPU machine: fast-path throughput, appended to experiments/benchmarks/README.md
 	$(BIN)/python experiments/benchmarks/gpu_check.py $(GPU_ARGS)

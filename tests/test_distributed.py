@@ -213,3 +213,28 @@ def test_lp_ft_over_two_processes_shares_the_frozen_feature_pass_and_its_cache(
     assert run_cli(*same_cache, *lp_ft, "trainer.batch_size=8") == 0
     again = only_run(one_root / "again")
     assert again.data.metrics["feature_cache_hit"] == 1.0
+
+
+def test_a_submitit_job_of_two_tasks_is_one_ddp_run(tmp_path: Path) -> None:
+    """``hydra/launcher=slurm_ddp``'s mechanics without a cluster: submitit's local executor starts a
+    job of two tasks; each reads its rank from the job (TorchDistributedEnvironment), one run is logged."""
+    cmd = [sys.executable, "-m", "transferlab.train", "-m", "data=synthetic", "backbone=timm",
+           "backbone.name=test_efficientnet", "backbone.weights=null", "trainer.epochs=2",
+           "trainer.batch_size=8", "trainer.progress=false", "mode=full_finetune",
+           "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "seed=0",
+           *[o for o in store_overrides(tmp_path) if not o.startswith("hydra.run")]]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["transferlab"], output_format="list")
+    (job,) = [r for r in runs if r.data.tags.get("sweep.role") == "job"]
+    assert job.info.status == "FINISHED" and job.data.tags["world_size"] == "2"
+    assert job.data.metrics["global_batch_size"] == 16
+    assert "1 finished, 0 failed" in done.stdout + done.stderr
+
+
+def test_a_sweep_inside_torchrun_is_refused_before_any_run(tmp_path: Path) -> None:
+    rc, out = torchrun(tmp_path, "-m", "seed=0,1", "data=synthetic")
+    assert rc != 0
+    assert "error: --multirun: a sweep inside torchrun" in out, out[-3000:]
+    assert not (tmp_path / "mlflow.db").exists()

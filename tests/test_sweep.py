@@ -178,7 +178,11 @@ def test_launcher_configs_compose(compose_cfg) -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             "train",
-            overrides=["hydra/launcher=slurm_ddp", "hydra.launcher.gpus_per_node=8", "hydra.launcher.nodes=2"],
+            overrides=[
+                "hydra/launcher=slurm_ddp",
+                "hydra.launcher.gpus_per_node=8",
+                "hydra.launcher.nodes=2",
+            ],
             return_hydra_config=True,
         )
     ddp = cfg.hydra.launcher  # one task per GPU unless told otherwise

@@ -30,9 +30,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_an_unreachable_server_fails_fast_before_compute(run_cli, store, tmp_path: Path, capsys) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+@pytest.mark.parametrize("scheme", ["http://", "postgresql+psycopg://transferlab@"])
+def test_an_unreachable_server_fails_fast_before_compute(
+    run_cli, store, tmp_path: Path, capsys, scheme: str
+) -> None:
+    """An MLflow server, or a PostgreSQL store (whose engine MLflow retries for ~100 s on its own)."""
+    url = f"{scheme}127.0.0.1:{_free_port()}" + ("/mlflow" if "postgresql" in scheme else "")  # nothing listens
+    start = time.monotonic()
     assert run_cli(*TINY, *store, f"mlflow.tracking_uri={url}") == 2
+    assert time.monotonic() - start < 30
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: mlflow.tracking_uri: cannot reach {url}") and "Fix: start" in err[-1]
     assert not (tmp_path / "cache" / "checkpoints").exists()  # no compute, nothing written

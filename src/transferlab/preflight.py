@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -192,6 +193,17 @@ def check_overrides(argv: list[str], conf_dir: Path, config_name: str) -> None:
 _INFO_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion")
 
 
+def refuse_a_sweep_inside_torchrun(multirun: bool) -> None:
+    """``torchrun ... -m transferlab.train -m ...``: every process would run the whole sweep."""
+    if multirun and os.environ.get("TORCHELASTIC_RUN_ID"):  # set by torchrun in every process
+        print(
+            "error: --multirun: a sweep inside torchrun would run the whole sweep in every process. "
+            "Fix: torchrun one run per command, or sweep DDP runs with -m hydra/launcher=slurm_ddp",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def answer_without_compute(argv: list[str], conf_dir: Path, config_name: str) -> None:
     """An entrypoint's first step, run before torch, timm, torchvision and MLflow are imported
     (seconds on a small machine): a bad override is refused (exit 2), and ``--help``,
@@ -202,6 +214,7 @@ def answer_without_compute(argv: list[str], conf_dir: Path, config_name: str) ->
     register_configs()  # the schemas the YAML options extend
     check_overrides(argv, conf_dir, config_name)
     args, _ = get_args_parser().parse_known_args(argv)
+    refuse_a_sweep_inside_torchrun(args.multirun)
     if not any(getattr(args, flag, None) for flag in _INFO_FLAGS):
         return
     # Hydra answers these flags itself, before calling the task function: it never runs. It names the

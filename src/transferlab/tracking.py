@@ -92,11 +92,13 @@ def setup_experiment(cfg: MlflowConfig) -> str:
         db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(cfg.tracking_uri)
     try:
+        _reach_database(cfg.tracking_uri, cfg.request_timeout_s)
         experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
     except Exception as exc:  # an unreachable server or a broken store: fail before any compute
         raise ConfigError(
             "mlflow.tracking_uri",
-            f"cannot reach {cfg.tracking_uri} ({type(exc).__name__}: {exc})"[:500],
+            # One line: a database driver's message runs over several.
+            f"cannot reach {cfg.tracking_uri} ({type(exc).__name__}: {str(exc).splitlines()[0]})"[:500],
             "start the tracking server, or leave mlflow.tracking_uri at its default local store",
         ) from None
     if experiment is not None:
@@ -119,6 +121,27 @@ def setup_experiment(cfg: MlflowConfig) -> str:
         experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
         assert experiment is not None
         return experiment.experiment_id
+
+
+def _reach_database(uri: str, timeout_s: float) -> None:
+    """A database store (``postgresql+psycopg://``, ``mysql://``, ...): one connection attempt first.
+
+    MLflow's own engine retries a refused connection for about 100 s (ten back-offs, no setting);
+    a server that is down is then one line in seconds, like an unreachable ``http://`` server.
+    """
+    scheme = uri.split(":", 1)[0].split("+", 1)[0]
+    if scheme not in ("postgresql", "mysql", "mssql"):
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    args = {"connect_timeout": max(1, round(timeout_s))} if scheme in ("postgresql", "mysql") else {}
+    engine = sqlalchemy.create_engine(uri, connect_args=args, poolclass=NullPool)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
 
 
 @contextmanager

@@ -46,7 +46,7 @@ from transferlab.inputs import prepare_cached
 from transferlab.loop_state import check_device
 from transferlab.modes import check_stages, count_parameters, make_model
 from transferlab.optim import describe, param_groups
-from transferlab.preflight import check_overrides
+from transferlab.preflight import check_overrides, refuse_a_sweep_inside_torchrun
 from transferlab.resilient import EpochLog, retry
 from transferlab.schedule import build_scheduler
 from transferlab.schemas import ConfigError, Stage, TrainConfig, config_hash, register_configs, to_typed
@@ -377,6 +377,7 @@ def main(raw: DictConfig) -> float:
 def cli() -> None:
     """``python -m transferlab.train``: bad overrides are one line and exit 2 before Hydra starts."""
     check_overrides(sys.argv[1:], CONF_DIR, "train")
+    refuse_a_sweep_inside_torchrun(any(a in ("-m", "--multirun") for a in sys.argv[1:]))
     main()
 
 

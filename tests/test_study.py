@@ -64,6 +64,12 @@ def test_a_stored_study_runs_trials_in_parallel_and_a_relaunch_continues_it(
     again, children = _assert_one_parent_with(tmp_path, 3)  # the first launch's parent, reopened
     assert again["run_id"] == parent["run_id"] and again["status"] == "FINISHED"
     assert sorted(children["tags.optuna.trial"]) == ["0", "1", "2"]
+    # Counted over the study's three launches, not the last one's single job.
+    assert (again["tags.optuna.complete"], again["tags.optuna.pruned"], again["tags.optuna.fail"]) == (
+        "3",
+        "0",
+        "0",
+    )
     assert (children["status"] == "FINISHED").all()
 
 

@@ -35,7 +35,9 @@ def test_an_unreachable_server_fails_fast_before_compute(
     run_cli, store, tmp_path: Path, capsys, scheme: str
 ) -> None:
     """An MLflow server, or a PostgreSQL store (whose engine MLflow retries for ~100 s on its own)."""
-    url = f"{scheme}127.0.0.1:{_free_port()}" + ("/mlflow" if "postgresql" in scheme else "")  # nothing listens
+    url = f"{scheme}127.0.0.1:{_free_port()}" + (
+        "/mlflow" if "postgresql" in scheme else ""
+    )  # nothing listens
     start = time.monotonic()
     assert run_cli(*TINY, *store, f"mlflow.tracking_uri={url}") == 2
     assert time.monotonic() - start < 30

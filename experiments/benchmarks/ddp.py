@@ -49,6 +49,14 @@ def result(root: Path) -> dict[str, float]:
     return {**run.data.metrics, "images_per_s": statistics.mean(speeds)}
 
 
+def device() -> str:
+    import torch  # the runs pick the same way (trainer.device=auto); each DDP process takes one GPU
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)} (one per process)"
+    return "CPU"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=2)
@@ -72,8 +80,7 @@ def main() -> None:
         a, b = result(one), result(two)
     print(
         f"Full fine-tuning, EfficientNet-Lite0 (bundled weights), ELPV with {args.train_per_class} training "
-        f"images per class, {args.epochs} epoch(s), global batch {2 * args.batch}; {sys.platform}, "
-        "CPU only unless CUDA is present."
+        f"images per class, {args.epochs} epoch(s), global batch {2 * args.batch}; device: {device()}."
     )
     print("| | one process | two processes (torchrun, gloo) | two / one |")
     print("|---|---|---|---|")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -135,6 +136,27 @@ def feature_extraction_speedup(args: argparse.Namespace) -> tuple[float, float]:
     return article, time.perf_counter() - start
 
 
+def ddp_rows(device: torch.device, quick: bool) -> list[str]:
+    """One run over 2 GPUs (torchrun, NCCL) vs one GPU, through experiments/benchmarks/ddp.py (ELPV)."""
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if quick or count < 2:
+        return [
+            f"DDP (2 GPUs vs 1): not measured, it needs 2 or more CUDA devices (this machine has {count}).",
+            "",
+        ]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).with_name("ddp.py")),
+        "--epochs",
+        "3",
+        "--train-per-class",
+        "256",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    return ["DDP (2 GPUs vs 1), `python experiments/benchmarks/ddp.py --epochs 3 --train-per-class 256`:", "",
+            (done.stdout if done.returncode == 0 else f"failed: {done.stderr[-2000:]}").strip(), ""]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu (smoke test)")
@@ -203,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         f"transferlab {ours:.1f} s ({article / ours:.1f}x faster).",
         "",
     ]
+    lines += ddp_rows(device, args.quick)
     report = "\n".join(lines)
     print("\n" + report)
     with open(args.record, "a") as fh:

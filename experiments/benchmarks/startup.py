@@ -52,7 +52,9 @@ def run_startup(repeats: int) -> tuple[float, float]:
         walls = []
         for i in range(repeats + 1):  # the first fills the caches if they are cold
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "transferlab.train", *store], capture_output=True, check=True)
+            subprocess.run(
+                [sys.executable, "-m", "transferlab.train", *store], capture_output=True, check=True
+            )
             if i:
                 walls.append(time.perf_counter() - start)
         mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
@@ -74,7 +76,9 @@ def main(repeats: int = 3) -> None:
         f"| a run's fixed cost: start to first update (`startup_s`), caches warm | {startup:.2f} s | "
         f"{startup / base:.2f}x | < 8 s: {'met' if startup < 8 else 'NOT met'} |"
     )
-    print(f"| the same runs, start to exit (1 epoch, test, log, model) | {wall:.2f} s | {wall / base:.2f}x | |")
+    print(
+        f"| the same runs, start to exit (1 epoch, test, log, model) | {wall:.2f} s | {wall / base:.2f}x | |"
+    )
 
 
 if __name__ == "__main__":

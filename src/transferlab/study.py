@@ -299,6 +299,9 @@ class Study:
             "optuna.storage": shown(self.storage),
             "optuna.trials": str(len(study.trials)),
         }
+        # Over every launch of the study (the sweep.* tags count this launch's jobs only).
+        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+            tags[f"optuna.{state.name.lower()}"] = str(len(study.get_trials(deepcopy=False, states=(state,))))
         if complete:
             best = study.best_trial
             results |= {"best_trial": best.number, "best_params": best.params, "best_value": best.value}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from transferlab.backbones import Preprocess
@@ -215,3 +216,55 @@ def test_keys_added_later_leave_the_config_hash_alone_at_their_defaults(compose_
     expected = hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert config_hash(cfg) == expected
     assert config_hash(to_typed(compose_cfg("data=synthetic", "data.folds=5"))) != config_hash(cfg)
+
+
+def test_elpv_shifted_set_is_every_cell_of_the_other_type_and_leaves_the_splits_as_they_were() -> None:
+    """data.cell_type=mono data.shift_cell_type=poly: train/val/test are the same mono images as a run
+    without the shifted set; the shifted set is every polycrystalline cell, in none of them."""
+    mono = ElpvDataConfig(cell_type="mono", limit=300)
+    shifted = ElpvDataConfig(cell_type="mono", shift_cell_type="poly", limit=300)
+    ra, rb = load_raw(mono, ""), load_raw(shifted, "")
+    sa, sb = make_splits(ra, mono), make_splits(rb, shifted)
+    for split in ("train", "val", "test"):
+        assert [ra.sources[i] for i in getattr(sa, split)] == [rb.sources[i] for i in getattr(sb, split)]
+    everything = load_raw(ElpvDataConfig(), "")
+    poly = [s for s, t in zip(everything.sources, _cell_types(), strict=True) if t == "poly"]
+    assert sorted(rb.sources[i] for i in sb.shift) == sorted(poly) and len(poly) > 1000
+    assert not set(sb.shift) & set(np.concatenate([sb.train, sb.val, sb.test]))
+    assert sa.sizes().keys() == {"train", "val", "test"} and sb.sizes()["shift_test"] == len(poly)
+
+
+def _cell_types() -> list[str]:
+    from transferlab.sources.elpv import root
+
+    table = np.genfromtxt(root() / "labels.csv", dtype=["|S19", "<f8", "|S4"], names=["p", "q", "t"])
+    return list(np.char.decode(table["t"]))
+
+
+@pytest.mark.parametrize(
+    ("cell_type", "shift", "match"),
+    [("all", "poly", "cells the run does not train on"), ("mono", "mono", "does not train on"),
+     ("mono", "amorphous", "unknown cell type")],
+)  # fmt: skip
+def test_a_shifted_elpv_set_must_be_the_other_cell_type(cell_type: str, shift: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as info:
+        ElpvDataConfig(cell_type=cell_type, shift_cell_type=shift)
+    assert info.value.key == "data.shift_cell_type"
+
+
+def test_imagefolder_shift_root_is_tested_apart_and_needs_the_same_classes(tmp_path: Path) -> None:
+    _folder(tmp_path / "own", {"a": 12, "b": 12})
+    _folder(tmp_path / "shifted", {"a": 5, "b": 4}, size=(30, 18))
+    plain = prepare(ImageFolderDataConfig(root=str(tmp_path / "own")), SMALL, "")
+    data = prepare(
+        ImageFolderDataConfig(root=str(tmp_path / "own"), shift_root=str(tmp_path / "shifted")), SMALL, ""
+    )
+    assert data.splits.sizes() == {**plain.splits.sizes(), "shift_test": 9}
+    assert torch.equal(data.images[data.splits.test], plain.images[plain.splits.test])
+    assert data.labels[data.splits.shift].tolist() == [0] * 5 + [1] * 4
+    _folder(tmp_path / "other", {"a": 3, "c": 3})
+    with pytest.raises(ConfigError, match=r"class folders \['a', 'c'\], the run's are \['a', 'b'\]") as info:
+        load_raw(ImageFolderDataConfig(root=str(tmp_path / "own"), shift_root=str(tmp_path / "other")), "")
+    assert info.value.key == "data.shift_root"
+    with pytest.raises(ConfigError, match="is not a folder"):
+        load_raw(ImageFolderDataConfig(root=str(tmp_path / "own"), shift_root=str(tmp_path / "nope")), "")

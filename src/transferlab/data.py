@@ -51,14 +51,24 @@ __all__ = [
 log = logging.getLogger("transferlab.data")
 
 
+RUN_SPLITS = ("train", "val", "test", "shift")
+
+
 @dataclass
 class Splits:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    # A shifted test set (data.shift_cell_type), tested with the same model: shift_test_* metrics.
+    shift: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+        sizes = {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+        return sizes | ({"shift_test": len(self.shift)} if len(self.shift) else {})
+
+    def used(self) -> np.ndarray:
+        """Every index a run uses, sorted."""
+        return np.sort(np.concatenate([self.train, self.val, self.test, self.shift]))
 
 
 @dataclass
@@ -141,16 +151,16 @@ def make_splits(raw: RawDataset, cfg: DataConfig) -> Splits:
     """Stratified, seeded splits (Deitsch et al. 2019: 75/25 train/test), val carved from train;
     ``data.folds``: K-fold test parts instead; ``data.train_per_class``: fewer training images."""
     labels = raw.labels
+    # The shifted set is no part of the splits: the others are those a run without it gets.
+    own = np.arange(len(labels)) if raw.shift is None else np.setdiff1d(np.arange(len(labels)), raw.shift)
     try:
         if cfg.folds is not None:  # every image the run may use, whatever splits a source gives
-            given = raw.given_splits.values() if raw.given_splits is not None else [np.arange(len(labels))]
+            given = raw.given_splits.values() if raw.given_splits is not None else [own]
             pool = np.sort(np.concatenate(list(given)))
             pool = _stratified_subset(pool, labels, cfg.limit or len(pool), cfg.split_seed)
             train, test = _kfold(pool, labels, cfg)
         elif raw.given_splits is None:
-            everything = _stratified_subset(
-                np.arange(len(labels)), labels, cfg.limit or len(labels), cfg.split_seed
-            )
+            everything = _stratified_subset(own, labels, cfg.limit or len(own), cfg.split_seed)
             train, test = train_test_split(
                 everything,
                 test_size=cfg.test_fraction,
@@ -180,7 +190,8 @@ def make_splits(raw: RawDataset, cfg: DataConfig) -> Splits:
     train = np.sort(np.asarray(train))
     if cfg.train_per_class is not None:
         train = _per_class(train, raw, cfg.train_per_class, cfg.split_seed)
-    return Splits(train, np.sort(np.asarray(val)), np.sort(np.asarray(test)))
+    shift = np.zeros(0, dtype=np.int64) if raw.shift is None else np.sort(raw.shift).astype(np.int64)
+    return Splits(train, np.sort(np.asarray(val)), np.sort(np.asarray(test)), shift)
 
 
 def storage_size(pre: Preprocess) -> int:
@@ -232,7 +243,7 @@ def _selection(
             first.problem,
         )
     splits = make_splits(raw, cfg)
-    return raw, splits, np.sort(np.concatenate([splits.train, splits.val, splits.test]))
+    return raw, splits, splits.used()
 
 
 # The source a decode worker reads: set before the pool forks, so the workers inherit it (a source's
@@ -352,7 +363,7 @@ def decode(
     digest.update(raw.labels[used].tobytes())
     position = np.full(len(raw.labels), -1, dtype=np.int64)
     position[used] = np.arange(len(used))
-    compact = Splits(position[splits.train], position[splits.val], position[splits.test])
+    compact = Splits(*(position[getattr(splits, s)] for s in RUN_SPLITS))
     return PreparedData(
         raw.name,
         torch.empty(0, dtype=torch.uint8),

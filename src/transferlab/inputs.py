@@ -25,7 +25,7 @@ import torch
 
 from transferlab.backbones import Preprocess
 from transferlab.cache import CACHE_FORMAT, Lookup, Meta, Tensors, TensorStore, write_error
-from transferlab.data import PreparedData, Splits, decode, prepare, storage_size
+from transferlab.data import RUN_SPLITS, PreparedData, Splits, decode, prepare, storage_size
 from transferlab.schemas import DataConfig
 from transferlab.schemas.identity import drop_later_defaults
 from transferlab.sources.registry import source_for
@@ -109,7 +109,7 @@ def input_key(cfg: DataConfig, pre: Preprocess, identity: Meta) -> Meta:
 
 def _pack(data: PreparedData) -> tuple[Tensors, Meta]:
     tensors = {"images": data.images, "labels": data.labels}
-    tensors |= {f"split_{s}": torch.from_numpy(getattr(data.splits, s)) for s in ("train", "val", "test")}
+    tensors |= {f"split_{s}": torch.from_numpy(getattr(data.splits, s)) for s in RUN_SPLITS}
     meta = {
         "name": data.name,
         "classes": data.classes,
@@ -196,7 +196,8 @@ def prepare_cached(
         _check_inputs(pre),
     )
     t, meta = lookup.tensors, lookup.meta
-    splits = Splits(*(t[f"split_{s}"].numpy().astype(np.int64) for s in ("train", "val", "test")))
+    # An entry written before the shifted set existed has no split_shift: an empty one.
+    splits = Splits(*(t[f"split_{s}"].numpy().astype(np.int64) for s in RUN_SPLITS if f"split_{s}" in t))
     data = PreparedData(
         meta["name"],
         t["images"],

@@ -24,6 +24,7 @@ from transferlab.report_stats import (
     PAIRED,
     RANDOM_INIT,
     REPLICATES,
+    SHIFTED,
     WEIGHTS,
     Analysis,
     Reference,
@@ -58,6 +59,8 @@ def display_tables(stats: pd.DataFrame, groups: list[str], pm: str) -> pd.DataFr
     """The summary table as strings, ``pm`` being ``±`` (Markdown) or ``$\\pm$`` (LaTeX)."""
     table = stats[groups + ["n"]].copy()
     for metric, (header, _, _) in METRICS.items():
+        if metric in SHIFTED and stats[f"{metric}_mean"].isna().all():  # no shifted test set
+            continue
         table[header] = [
             _cell(m, s, metric, pm)
             for m, s in zip(stats[f"{metric}_mean"], stats[f"{metric}_std"], strict=True)

@@ -45,6 +45,9 @@ METRICS: dict[str, tuple[str, float, int]] = {
     "test_accuracy": ("test acc (%)", 100.0, 2),
     "test_balanced_accuracy": ("bal. acc (%)", 100.0, 2),
     "test_macro_f1": ("macro-F1 (%)", 100.0, 2),
+    # The same model on a shifted test set (data.shift_cell_type), beside the in-distribution columns.
+    "shift_test_accuracy": ("shifted test acc (%)", 100.0, 2),
+    "shift_test_balanced_accuracy": ("shifted bal. acc (%)", 100.0, 2),
     "wall_time_s": ("wall time (s)", 1.0, 1),
     # Cost from scratch, apart from the caches (see cost_columns): the loop without the frozen-feature
     # pass, the pass itself once per group (from the runs that computed it), and the two added.
@@ -56,6 +59,7 @@ METRICS: dict[str, tuple[str, float, int]] = {
 # Derived here from what a run logged, never read from it.
 DERIVED = ("train_time_s", "feature_pass_s", "from_scratch_s")
 PAIRED = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1")
+SHIFTED = ("shift_test_accuracy", "shift_test_balanced_accuracy")  # shown only when some run has them
 # Replicates: runs that differ only in these are averaged (and paired by them), never compared.
 REPLICATES = ("seed", "data.split_seed", "data.fold")
 BASE = "feature_extract"  # every other mode is reported as its difference to this one

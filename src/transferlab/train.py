@@ -129,6 +129,7 @@ def train(
         # Test the best-on-validation checkpoint of the last stage, in eval mode.
         test, labels, preds = runner.evaluate(data.splits.test)
         metrics |= final_metrics(test, fit, costs, counts, time.perf_counter() - started)
+        metrics |= shift_results(runner)  # data.shift_cell_type: the same model on shifted images
         if pruning is not None and pruning.pruned_at is not None:  # the study's pruner ended it there
             metrics["pruned_at"] = pruning.pruned_at  # main tells the sweeper: a pruned trial
         if runner.first_update_at is not None:  # not when a resume had nothing left to train
@@ -239,7 +240,7 @@ def load_data(cfg: TrainConfig, built: BuiltBackbone) -> tuple[PreparedData, Loo
     sizes = data.splits.sizes()
     train_counts = class_counts(data.labels[data.splits.train], data.num_classes)
     log.info("data %s: %s, classes %s, train class counts %s", data.name, sizes, data.classes, train_counts)
-    for context in ("train", "val", "test"):
+    for context in sizes:  # train, val, test (and shift_test: data.shift_cell_type)
         tracking.log_dataset(data.name, data.source, data.fingerprint, context, sizes)
     return data, inputs
 
@@ -303,8 +304,18 @@ def intermediate_results(runner: Runner, fit: FitResult, stage: Stage, ckpt: Che
     head = {k: v.detach().cpu().clone() for k, v in runner.model.head.state_dict().items()}
     metrics = best_metrics(fit, f"{stage.name}_best_")
     metrics |= {f"{stage.name}_test_{k}": v for k, v in probe_test.items()}
+    metrics |= shift_results(runner, f"{stage.name}_")
     ckpt.finished[stage.name] = {"metrics": metrics, "head": head, "costs": stage_costs(fit)}
     return finished_results(ckpt, stage)
+
+
+def shift_results(runner: Runner, prefix: str = "") -> dict[str, float]:
+    """``shift_test_*``: the tested model on the shifted test set, when the data has one (nothing
+    chooses on it: it is evaluated once, after the run's selection on validation, as test is)."""
+    if not len(runner.data.splits.shift):
+        return {}
+    shifted, _, _ = runner.evaluate(runner.data.splits.shift)
+    return {f"{prefix}shift_test_{k}": v for k, v in shifted.items()}
 
 
 def finished_results(ckpt: Checkpoint, stage: Stage) -> dict[str, float]:

@@ -84,10 +84,24 @@ class ElpvDataConfig(DataConfig):
     labels: str = "binary"
     threshold: float = 0.5
     cell_type: str = "all"  # all | mono | poly
+    # A shifted test set: every cell of this other type, tested with the same model (shift_test_*
+    # metrics), e.g. data.cell_type=mono data.shift_cell_type=poly. null: none.
+    shift_cell_type: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _named("data.name", self.name, "elpv")
+        if self.shift_cell_type is not None:
+            if self.shift_cell_type not in ("mono", "poly"):
+                raise ConfigError(
+                    "data.shift_cell_type", f"unknown cell type {self.shift_cell_type!r}", "use mono or poly"
+                )
+            if self.cell_type in ("all", self.shift_cell_type):
+                raise ConfigError(
+                    "data.shift_cell_type",
+                    f"the shifted set must be cells the run does not train on (data.cell_type={self.cell_type})",
+                    f"train on the other type: data.cell_type={'mono' if self.shift_cell_type == 'poly' else 'poly'}",
+                )
         if self.labels not in ("binary", "four_class"):
             raise ConfigError("data.labels", f"unknown labelling {self.labels!r}", "use binary or four_class")
         if self.cell_type not in ("all", "mono", "poly"):
@@ -103,6 +117,9 @@ class ImageFolderDataConfig(DataConfig):
     # Every file is decoded once before the run starts. error: stop, naming the first bad file;
     # skip: leave unreadable files out and log their list (skipped_images.json) with the run.
     on_bad_image: str = "error"
+    # A shifted test set: a folder with the same class subfolders, tested with the same model
+    # (shift_test_* metrics; never trained or validated on). null: none.
+    shift_root: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -34,6 +34,8 @@ LATER_DEFAULTS: dict[str, Any] = {
     "data.fold": 0,
     "data.train_per_class": None,
     "trainer.sync_batchnorm": False,
+    "data.shift_cell_type": None,
+    "data.shift_root": None,
     "trainer.dist_backend": "auto",
 }
 

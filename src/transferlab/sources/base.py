@@ -35,6 +35,8 @@ class RawDataset:
     given_splits: dict[str, np.ndarray] | None = None
     sources: list[str] = field(default_factory=list)  # per-image origin (file path), if any
     skipped: list[validate.BadImage] = field(default_factory=list)  # data.on_bad_image=skip
+    # A shifted test set (data.shift_cell_type): its indices, kept out of train, val and test.
+    shift: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,9 @@ def load(cfg: ElpvDataConfig, data_dir: str = "", cache_dir: str | None = None) 
     )
     paths, probs, types = (np.char.decode(table["path"]), table["probability"], np.char.decode(table["type"]))
     keep = np.ones(len(probs), dtype=bool) if cfg.cell_type == "all" else types == cfg.cell_type
-    paths, probs = paths[keep], probs[keep]
+    keep |= types == cfg.shift_cell_type  # the shifted test set (none when null)
+    paths, probs, types = paths[keep], probs[keep], types[keep]
+    shift = np.flatnonzero(types == cfg.shift_cell_type) if cfg.shift_cell_type else None
     if cfg.labels == "binary":
         labels = (probs >= cfg.threshold).astype(np.int64)
         classes = ["functional", "defective"]
@@ -43,7 +45,9 @@ def load(cfg: ElpvDataConfig, data_dir: str = "", cache_dir: str | None = None) 
         with PIL.Image.open(src / paths[i]) as image:
             return np.asarray(image)
 
-    return RawDataset("elpv", read, labels, classes, str(src), sources=[str(src / p) for p in paths])
+    return RawDataset(
+        "elpv", read, labels, classes, str(src), sources=[str(src / p) for p in paths], shift=shift
+    )
 
 
 def identity(cfg: ElpvDataConfig, data_dir: str) -> Meta:

@@ -153,6 +153,11 @@ def _load(cfg: ImageFolderDataConfig, cache_dir: str | None = None) -> RawDatase
             + (f" ({len(bad)} file(s) skipped as bad)" if bad else ""),
             "add images or remove the empty class folders",
         )
+    shift = None
+    if cfg.shift_root is not None:  # after the run's own images: their indices stay as without it
+        shift_items = _shift_items(cfg, classes, cache_dir)
+        shift = np.arange(len(items), len(items) + len(shift_items))
+        items += shift_items
     paths = [p for p, _ in items]
     labels = np.array([label for _, label in items], dtype=np.int64)
     given_splits = None
@@ -173,7 +178,34 @@ def _load(cfg: ImageFolderDataConfig, cache_dir: str | None = None) -> RawDatase
         given_splits,
         [str(p) for p in paths],
         bad,
+        shift,
     )
+
+
+def _shift_items(
+    cfg: ImageFolderDataConfig, classes: list[str], cache_dir: str | None
+) -> list[tuple[Path, int]]:
+    """``data.shift_root``: its class folders must be the run's; each file checked like the run's own."""
+    root = Path(str(cfg.shift_root)).expanduser()
+    if not root.is_dir():
+        raise ConfigError(
+            "data.shift_root",
+            f"{root} is not a folder",
+            "pass a folder with the same class subfolders as data.root",
+        )
+    ((shift_classes, items, bad),) = _scan_cached(root, [""], cache_dir)
+    if shift_classes != classes:
+        raise ConfigError(
+            "data.shift_root",
+            f"{root} has class folders {shift_classes}, the run's are {classes}",
+            "give the shifted set the same class subfolders as data.root (it is tested with the same head)",
+        )
+    validate.raise_or_report(bad, cfg.on_bad_image, root)
+    if not items:
+        raise ConfigError(
+            "data.shift_root", f"{root} holds no readable images", "add images, or drop data.shift_root"
+        )
+    return items
 
 
 def load(cfg: ImageFolderDataConfig, data_dir: str, cache_dir: str | None = None) -> RawDataset:
@@ -186,7 +218,10 @@ def check(cfg: ImageFolderDataConfig, cache_dir: str | None = None) -> None:
 
 
 def identity(cfg: ImageFolderDataConfig, data_dir: str) -> Meta:
-    return folder_identity(Path(str(cfg.root)).expanduser().resolve(), {})
+    own = folder_identity(Path(str(cfg.root)).expanduser().resolve(), {})
+    if cfg.shift_root is None:  # the key a run without a shifted set always had
+        return own
+    return {**own, "shift": folder_identity(Path(str(cfg.shift_root)).expanduser().resolve(), {})}
 
 
 SOURCE = Source(load, identity, check)

@@ -55,3 +55,26 @@ def test_a_shifted_folder_is_tested_with_the_same_model_and_reported_beside_test
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if "test acc (%)" in line)
     assert header.index("test acc (%)") < header.index("shifted test acc (%)")
+
+
+def test_selection_on_validation_reports_the_chosen_configs_shifted_test_too(
+    run_cli, store, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    _folder(tmp_path / "own", {"left": 16, "right": 16}, tint=0)
+    _folder(tmp_path / "shifted", {"left": 6, "right": 6}, tint=120)
+    data = [a for a in TINY if not a.startswith("data=")] + [
+        "data=imagefolder",
+        f"data.root={tmp_path / 'own'}",
+        f"data.shift_root={tmp_path / 'shifted'}",
+    ]
+    for lr in ("0.01", "0.001"):
+        assert run_cli(*data, *store, f"optimizer.lr={lr}") == 0
+    out = tmp_path / "report"
+    assert report.main(["--experiment", "transferlab", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                        "--no-log", "--out", str(out), "--select", "best_val_accuracy",
+                        "--tune", "optimizer.lr"]) == 0  # fmt: skip
+    (row,) = pd.read_csv(out / "selection.csv").to_dict("records")
+    chosen = runs_in(tmp_path).set_index("params.optimizer.lr").loc[str(row["optimizer.lr"])]
+    assert row["shift_test_accuracy_mean"] == chosen["metrics.shift_test_accuracy"]

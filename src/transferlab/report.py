@@ -51,6 +51,7 @@ from transferlab.report_stats import (
     PAIRED,
     RANDOM_INIT,
     REPLICATES,
+    SHIFTED,
     WEIGHTS,
     Analysis,
     Reference,
@@ -150,7 +151,8 @@ def prepare(
     analysis = analyse(
         chosen_runs, failed_df, [a for a in axes if a not in tuned], [e for e in extra if e not in tuned]
     )
-    analysis.selection = with_test_cis(choices, chosen_runs, arms, PAIRED)
+    shifted = [m for m in SHIFTED if m in chosen_runs and chosen_runs[m].notna().any()]  # data.shift_*
+    analysis.selection = with_test_cis(choices, chosen_runs, arms, [*PAIRED, *shifted])
     analysis.tuned = tuned
     return analysis, chosen_runs["run_id"].tolist()
 

@@ -112,6 +112,14 @@ def setup(device: str, backend: str, sync_batchnorm: bool) -> World:
         return _world
     rank, size, local_rank = ranks
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if device == "mps" or (
+        device == "auto" and not torch.cuda.is_available() and torch.backends.mps.is_available()
+    ):
+        raise ConfigError(
+            "trainer.device",
+            f"{size} processes on Apple's GPU (mps): torch.distributed has no backend for it",
+            "run one process (python -m transferlab.train), or pass trainer.device=cpu under torchrun",
+        )
     if device.startswith("cuda:"):
         raise ConfigError(
             "trainer.device",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pytest
 from PIL import Image
 
 from transferlab import report
@@ -23,16 +24,21 @@ def _folder(root: Path, counts: dict[str, int], tint: int) -> None:
             image.save(root / name / f"{i}.png")
 
 
-def test_a_shifted_folder_is_tested_with_the_same_model_and_reported_beside_test(
-    run_cli, store, tmp_path: Path, capsys
-) -> None:
+@pytest.fixture
+def data(tmp_path: Path) -> list[str]:
+    """TINY on an image folder of 32 images and a shifted folder of 12 (same task, another tint)."""
     _folder(tmp_path / "own", {"left": 16, "right": 16}, tint=0)
     _folder(tmp_path / "shifted", {"left": 6, "right": 6}, tint=120)
-    data = [a for a in TINY if not a.startswith("data=")] + [
+    return [a for a in TINY if not a.startswith("data=")] + [
         "data=imagefolder",
         f"data.root={tmp_path / 'own'}",
         f"data.shift_root={tmp_path / 'shifted'}",
     ]
+
+
+def test_a_shifted_folder_is_tested_with_the_same_model_and_reported_beside_test(
+    run_cli, store, data: list[str], tmp_path: Path, capsys
+) -> None:
     assert run_cli(*data, *store, "mode=lp_ft", "mode.probe_epochs=1", "trainer.epochs=1") == 0
     assert run_cli(*data, *store, "seed=1") == 0  # a second run: the decoded inputs come from the cache
     runs = runs_in(tmp_path).sort_values("start_time")
@@ -58,17 +64,10 @@ def test_a_shifted_folder_is_tested_with_the_same_model_and_reported_beside_test
 
 
 def test_selection_on_validation_reports_the_chosen_configs_shifted_test_too(
-    run_cli, store, tmp_path: Path
+    run_cli, store, data: list[str], tmp_path: Path
 ) -> None:
     import pandas as pd
 
-    _folder(tmp_path / "own", {"left": 16, "right": 16}, tint=0)
-    _folder(tmp_path / "shifted", {"left": 6, "right": 6}, tint=120)
-    data = [a for a in TINY if not a.startswith("data=")] + [
-        "data=imagefolder",
-        f"data.root={tmp_path / 'own'}",
-        f"data.shift_root={tmp_path / 'shifted'}",
-    ]
     for lr in ("0.01", "0.001"):
         assert run_cli(*data, *store, f"optimizer.lr={lr}") == 0
     out = tmp_path / "report"

@@ -197,6 +197,24 @@ def test_replicate_launches_exactly_each_arms_winner_and_resumes(tuned_sweep: Pa
     assert replicate.main([*args, "seed=1", "--dry-run"]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
     assert len(printed) == 2 and all("seed=1" in line and "seed=0" not in line for line in printed)
+    # The store without its artifacts (a committed mlflow.db): the same commands, from the runs' tags.
+    (tuned_sweep / "artifacts").rename(tuned_sweep / "away")
+    try:
+        assert replicate.main([*args, "seed=1", "--dry-run"]) == 0
+        assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")] == printed
+        client = mlflow.MlflowClient(uri)
+        tagged = client.search_runs(
+            [client.get_experiment_by_name("tuned").experiment_id], "tags.overrides LIKE '%'"
+        )
+        for run in tagged:  # runs logged before the tag existed: one line, exit 2
+            client.delete_tag(run.info.run_id, "overrides")
+        assert replicate.main([*args, "seed=1", "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert "has no overrides tag and its overrides.json cannot be read" in err and err.count("\n") == 1
+        for run in tagged:
+            client.set_tag(run.info.run_id, "overrides", run.data.tags["overrides"])
+    finally:
+        (tuned_sweep / "away").rename(tuned_sweep / "artifacts")
 
     chosen = pd.read_csv(Path(_selection(uri)) / "selection.csv", dtype={"optimizer.lr": str})
     launched: list[list[str]] = []

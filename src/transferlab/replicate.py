@@ -28,9 +28,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from transferlab.report import _check_store, default_tracking_uri, prepare
 from transferlab.report_stats import REPLICATES, ReportError, select_experiment
+from transferlab.tracking import OVERRIDES_TAG
 
 # Overrides of a logged job that say where it ran or which replicate it was, not what the arm is.
 DROPPED = (
@@ -53,6 +55,25 @@ def arm_overrides(logged: Sequence[str], replaced: set[str]) -> list[str]:
     return [o for o in logged if _key(o) not in replaced and not o.lstrip("+~").startswith(DROPPED)]
 
 
+def launched_with(client: MlflowClient, run_id: str) -> dict:
+    """A run's overrides: its ``overrides`` tag (a store copied without its artifacts has it), else
+    its ``overrides.json`` (runs logged before 2026-12-02 have no tag)."""
+    tag = client.get_run(run_id).data.tags.get(OVERRIDES_TAG)
+    if tag is not None:
+        return {"overrides": json.loads(tag)}
+    try:
+        present = {f.path for f in client.list_artifacts(run_id)}
+    except (OSError, MlflowException):
+        present = set()
+    if "overrides.json" not in present:
+        raise ReportError(
+            f"run {run_id} has no overrides tag and its overrides.json cannot be read (its artifacts "
+            "are not in this store). Fix: run this where the store's artifacts are, or relaunch its tuning sweep"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, "overrides.json", tmp)).read_text())
+
+
 def commands(
     client: MlflowClient, experiment: str, select: str, tune: Sequence[str], extra: Sequence[str]
 ) -> list[list[str]]:
@@ -69,8 +90,7 @@ def commands(
     for _, row in analysis.selection.iterrows():
         mask = (chosen[arms] == row[arms]).all(axis=1) if arms else chosen.index == chosen.index
         run_id = sorted(chosen.index[mask])[0]  # any of the arm's chosen runs: they differ in replicates only
-        with tempfile.TemporaryDirectory() as tmp:
-            logged = json.loads(Path(client.download_artifacts(run_id, "overrides.json", tmp)).read_text())
+        logged = launched_with(client, run_id)
         label = " · ".join(f"{a}={row[a]}" for a in arms) or "all"
         # Replicate keys not named here keep the values the chosen runs had (seed=1 after a tuning
         # sweep over data.fold=0,1 runs seed 1 on both folds).

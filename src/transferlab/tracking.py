@@ -61,6 +61,12 @@ def _local_sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+# A run's Hydra overrides as a tag too, beside overrides.json: a store copied without its artifacts
+# (an experiment's committed mlflow.db) can still be replicated. MLflow caps a tag value at 8,000
+# characters; a longer list is in the artifact only.
+OVERRIDES_TAG = "overrides"
+OVERRIDES_TAG_MAX = 8000
+
 # The kind MLflow records for model-training experiments (what its own training integrations set).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 

@@ -20,7 +20,8 @@ if __name__ == "__main__":
 
     answer_without_compute(sys.argv[1:], CONF_DIR, "train")
 
-import logging  # after the fast path above (E402 is allowed in this file: pyproject.toml)
+import json  # after the fast path above (E402 is allowed in this file: pyproject.toml)
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -73,6 +74,10 @@ def train(
     built = build_checked_backbone(cfg)
     check_data(cfg.data, cfg.paths.cache_dir if cfg.data.cache else None)  # last: it may decode every image
     run_name, tags = run_identity(cfg, choices, job)
+    # Also a tag, not only the artifact: a store copied without its artifacts (a committed
+    # experiment's mlflow.db) can still be replicated (transferlab.replicate reads it).
+    if len(logged := json.dumps(overrides)) <= tracking.OVERRIDES_TAG_MAX:
+        tags[tracking.OVERRIDES_TAG] = logged
     pruning = trial_pruning(job)  # None unless this job is a trial of a study with a pruner
     # Resume: this config's checkpoint (a killed or preempted run) names the MLflow run to continue.
     ckpt = Checkpoint.for_config(cfg, raw)

@@ -327,6 +327,16 @@ def test_resume_false_starts_a_new_run_and_resume_run_must_match(tmp_path: Path,
     assert run_cli(*args) == 128 + signal.SIGTERM
     watcher.join()
     second = next(r for r, s in _statuses(tmp_path).items() if s == "KILLED")
+    # The checkpoint outlives its store (mlflow.db replaced, or the run deleted): one line, exit 2.
+    elsewhere = [a if not a.startswith("mlflow.tracking_uri=") else f"{a}.other" for a in args]
+    assert run_cli(*elsewhere) == 2
+    err = capsys.readouterr().err
+    assert f"error: resume: this config's checkpoint continues MLflow run {second}, which " in err
+    assert "does not have (the store was replaced, or the run deleted). Fix: pass resume=false" in err
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client.delete_run(second)
+    assert run_cli(*args) == 2 and "has deleted" in capsys.readouterr().err
+    client.restore_run(second)
     assert run_cli(*args, "resume=false") == 0
     statuses = _statuses(tmp_path)
     assert len(statuses) == 3 and statuses[second] == "KILLED" and statuses[stopped] == "FINISHED"

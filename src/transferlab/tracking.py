@@ -171,6 +171,7 @@ def mlflow_run(
     if sample:
         mlflow.set_system_metrics_sampling_interval(system_metrics.system_metrics_interval_s)
     if run_id is not None:
+        _check_resumable(run_id)
         run = mlflow.start_run(run_id=run_id, log_system_metrics=sample)
         resumes = int(run.data.tags.get("resumes", "0")) + 1
         mlflow.set_tags({**tags, "resumes": str(resumes)})
@@ -190,6 +191,27 @@ def mlflow_run(
         raise
     else:
         resilient.retry(lambda: mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED)), "end the run")
+
+
+def _check_resumable(run_id: str) -> None:
+    """A checkpoint outlives its store (a deleted mlflow.db, another tracking_uri): one line, no run."""
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        where = "does not have"
+    else:
+        if run.info.lifecycle_stage != "deleted":
+            return
+        where = "has deleted"
+    raise ConfigError(
+        "resume",
+        f"this config's checkpoint continues MLflow run {run_id}, which {mlflow.get_tracking_uri()} "
+        f"{where} (the store was replaced, or the run deleted)",
+        "pass resume=false to start a new run (the checkpoint is overwritten), "
+        "or set mlflow.tracking_uri to the run's store",
+    )
 
 
 def _end_quietly(status: int, error: str, exc: BaseException | None) -> None:

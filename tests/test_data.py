@@ -19,6 +19,8 @@ from transferlab.schemas import (
     TorchvisionDataConfig,
 )
 
+from .conftest import TINY, runs_in, store_overrides
+
 SMALL = Preprocess(resize=36, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
 
 
@@ -187,6 +189,15 @@ def test_train_per_class_subsets_are_nested_and_leave_val_and_test_alone() -> No
         ConfigError, match="data.train_per_class: class 'class_0' has 20 training images, fewer than 21"
     ):
         make_splits(raw, SyntheticDataConfig(num_classes=2, images_per_class=30, train_per_class=21))
+
+
+def test_train_per_class_too_large_is_refused_before_any_run(tmp_path: Path, run_cli, capsys) -> None:
+    """From the labels, before the MLflow run starts: one line, exit 2, nothing in the store."""
+    assert run_cli(*TINY, *store_overrides(tmp_path), "data.train_per_class=1000") == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: data.train_per_class: class 'class_0' has ") and "Fix: use at most" in line
+    assert not (tmp_path / "mlflow.db").exists() or runs_in(tmp_path).empty
 
 
 @pytest.mark.parametrize(

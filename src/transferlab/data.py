@@ -108,6 +108,13 @@ def check_data(cfg: DataConfig, cache_dir: str | None = None) -> None:
     source_for(cfg).check(cfg, cache_dir)
 
 
+def check_splits(cfg: DataConfig, data_dir: str, cache_dir: str | None = None) -> None:
+    """Pre-flight: the splits asked for (``data.train_per_class``, ``data.folds``) can be made. From
+    the labels alone, before any MLflow run or decoded image: a class too small is one line, no run."""
+    if cfg.train_per_class is not None or cfg.folds is not None:
+        make_splits(load_raw(cfg, data_dir, cache_dir), cfg)
+
+
 # ---------------------------------------------------------------------------------------------
 # Selection, splits, preprocessing
 

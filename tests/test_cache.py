@@ -287,3 +287,38 @@ def test_a_full_disk_while_decoding_into_the_store_keeps_nothing(
     assert ".tmp" not in str(info.value) and ".pixels" not in str(info.value)  # it names the entry
     left = [p for p in (tmp_path / "cache" / "inputs").rglob("*") if not p.name.endswith(".lock")]
     assert left == []  # no entry, no temporary file, no pixel file (the folder's check record may stay)
+
+
+def test_a_full_disk_in_a_decode_worker_keeps_nothing(compose_cfg, tmp_path: Path) -> None:
+    """Decode workers write their chunks to part files themselves: one that hits a full disk ends the
+    run in the same one line, and neither the entry nor any part file stays."""
+    root = tmp_path / "images"
+    _image_folder(root)
+    cfg = to_typed(compose_cfg(*TINY, "data=imagefolder", f"data.root={root}"))
+    pre = build_backbone(cfg.backbone).preprocess
+    script = (
+        "import errno, sys; from transferlab import data, cache; "
+        "from transferlab.inputs import prepare_cached; "
+        "from transferlab.schemas import ImageFolderDataConfig; from transferlab.backbones import Preprocess\n"
+        "real = data._decode_chunk\n"
+        "def full(indices, part=None):\n"
+        "    if part is not None and part.endswith('0000001'):\n"
+        "        open(part, 'wb').write(b'x' * 100)\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return real(indices, part)\n"
+        "data._decode_chunk = full\n"
+        "data.CHUNK = 4\n"
+        f"pre = Preprocess(*{(pre.resize, pre.crop, tuple(pre.mean), tuple(pre.std), pre.interpolation)!r})\n"
+        "try:\n"
+        f"    prepare_cached(ImageFolderDataConfig(root={str(root)!r}), pre, '', {str(tmp_path / 'cache')!r}, workers=2)\n"
+        "except cache.CacheWriteError as exc:\n"
+        "    print(exc); sys.exit(3)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert (
+        "paths.cache_dir: cannot write cache entry" in run.stdout and "no space left on device" in run.stdout
+    )
+    assert ".part" not in run.stdout and ".pixels" not in run.stdout  # it names the entry
+    left = [p for p in (tmp_path / "cache" / "inputs").rglob("*") if not p.name.endswith(".lock")]
+    assert left == []

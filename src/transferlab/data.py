@@ -275,13 +275,35 @@ def worker_setup(*_: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _decode_chunk(indices: list[int]) -> list[tuple[bytes, np.ndarray]]:
+@dataclass(frozen=True)
+class Part:
+    """A decode worker's chunk of stored images, written by it to ``path`` as each one's bytes in order
+    (``channels``: each one's c): only digests and this record travel back to the parent."""
+
+    path: str
+    channels: list[int]
+
+
+def _decode_chunk(indices: list[int], part: str | None = None) -> tuple[list[bytes], list[np.ndarray] | Part]:
+    """In a worker: the chunk's digests and its stored images, or (``part``) the images written there."""
     raw, pre = _WORKER_SOURCE  # type: ignore[misc]
-    out = []
-    for index in indices:
-        array = raw.read(index)
-        out.append((image_digest(array), preprocess_image(array, pre).numpy()))
-    return out
+    digests: list[bytes] = []
+    if part is None:
+        images = []
+        for index in indices:
+            array = raw.read(index)
+            digests.append(image_digest(array))
+            images.append(preprocess_image(array, pre).numpy())
+        return digests, images
+    channels = []
+    with open(part, "wb") as out:
+        for index in indices:
+            array = raw.read(index)
+            digests.append(image_digest(array))
+            stored = preprocess_image(array, pre)
+            channels.append(stored.shape[0])
+            out.write(stored.contiguous().numpy().data)
+    return digests, Part(part, channels)
 
 
 def decode_workers(asked: int) -> int:
@@ -312,31 +334,39 @@ def decode_workers(asked: int) -> int:
 
 
 def _decoded(
-    raw: RawDataset, used: np.ndarray, pre: Preprocess, workers: int
-) -> Iterator[tuple[bytes, torch.Tensor]]:
-    """Each used image's digest and stored form, in order; ``workers`` > 1 decodes in that many processes."""
+    raw: RawDataset, used: np.ndarray, pre: Preprocess, workers: int, parts: str | None = None
+) -> Iterator[tuple[list[bytes], torch.Tensor | Part]]:
+    """Each used image's digest and stored form, in order; ``workers`` > 1 decodes in that many
+    processes, which with ``parts`` (a path prefix) write each chunk to a file of their own and send
+    back its :class:`Part`: the parent then only hashes, and the images never pass through it."""
     if workers <= 1:
         for i in used:
             array = raw.read(int(i))
-            yield image_digest(array), preprocess_image(array, pre)
+            yield [image_digest(array)], preprocess_image(array, pre)
         return
     global _WORKER_SOURCE
     _WORKER_SOURCE = (raw, pre)
     context = multiprocessing.get_context("fork")
-    chunks = (used[i : i + CHUNK].tolist() for i in range(0, len(used), CHUNK))
+    chunks = (
+        (used[i : i + CHUNK].tolist(), None if parts is None else f"{parts}.part{i // CHUNK:07d}")
+        for i in range(0, len(used), CHUNK)
+    )
     try:
         with context.Pool(workers, initializer=worker_setup) as pool:
             # Two chunks per worker in flight: results never pile up in this process faster than
             # they are stored (Pool.imap would queue all of them).
             pending: collections.deque = collections.deque()
             for chunk in itertools.islice(chunks, 2 * workers):
-                pending.append(pool.apply_async(_decode_chunk, (chunk,)))
+                pending.append(pool.apply_async(_decode_chunk, chunk))
             while pending:
-                done = pending.popleft().get()
+                digests, done = pending.popleft().get()
                 for chunk in itertools.islice(chunks, 1):
-                    pending.append(pool.apply_async(_decode_chunk, (chunk,)))
-                for digest, stored in done:
-                    yield digest, torch.from_numpy(stored)
+                    pending.append(pool.apply_async(_decode_chunk, chunk))
+                if isinstance(done, Part):
+                    yield digests, done
+                else:
+                    for one, stored in zip(digests, done, strict=True):
+                        yield [one], torch.from_numpy(stored)
     finally:
         _WORKER_SOURCE = None
 
@@ -346,18 +376,22 @@ def decode(
     pre: Preprocess,
     data_dir: str,
     cache_dir: str | None,
-    store: Callable[[torch.Tensor], None],
+    store: Callable[[torch.Tensor | Part], None],
     workers: int = 0,
+    parts: str | None = None,
 ) -> PreparedData:
     """Decode the images a run uses once, hand each stored image to ``store`` as it comes, fingerprint
-    them all. The returned record has no images yet (``images`` is an empty tensor): the caller keeps them."""
+    them all. The returned record has no images yet (``images`` is an empty tensor): the caller keeps them.
+    With ``parts`` (a path prefix) decode workers write their chunks to files there themselves and
+    ``store`` gets each chunk's :class:`Part`, in order, instead of its images."""
     raw, splits, used = _selection(cfg, data_dir, cache_dir)
     workers = decode_workers(workers)
     digest = hashlib.sha256()
     start = time.perf_counter()
-    with contextlib.closing(_decoded(raw, used, pre, workers)) as images:  # an error stops the workers
-        for image_sha256, stored in images:
-            digest.update(image_sha256)
+    with contextlib.closing(_decoded(raw, used, pre, workers, parts)) as images:  # an error stops the workers
+        for digests, stored in images:
+            for image_sha256 in digests:
+                digest.update(image_sha256)
             store(stored)
     seconds = time.perf_counter() - start
     log.info(

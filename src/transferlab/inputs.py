@@ -11,11 +11,13 @@ on disk while it is written (pixel file and entry); a full disk fails in one lin
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import logging
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import torch
 
 from transferlab.backbones import Preprocess
 from transferlab.cache import CACHE_FORMAT, Lookup, Meta, Tensors, TensorStore, write_error
-from transferlab.data import RUN_SPLITS, PreparedData, Splits, decode, prepare, storage_size
+from transferlab.data import RUN_SPLITS, Part, PreparedData, Splits, decode, prepare, storage_size
 from transferlab.schemas import DataConfig
 from transferlab.schemas.identity import drop_later_defaults
 from transferlab.sources.registry import source_for
@@ -39,16 +41,22 @@ _ST_DTYPES = {torch.uint8: "U8", torch.int64: "I64", torch.float32: "F32"}
 
 
 def write_streamed(
-    path: Path, pixels: Path, channels: list[int], side: int, small: Tensors, metadata: dict[str, str]
+    path: Path,
+    pixels: Sequence[Path],
+    channels: list[int],
+    side: int,
+    small: Tensors,
+    metadata: dict[str, str],
 ) -> None:
-    """A safetensors file of ``small`` and ``images`` (N, C, side, side) uint8 from a file of per-image bytes.
+    """A safetensors file of ``small`` and ``images`` (N, C, side, side) uint8 from files of per-image bytes.
 
-    The images never sit in memory together: ``pixels`` holds each image's ``c x side x side`` bytes in
-    order (``channels``: each one's c); a grey image among RGB ones is replicated to 3 channels as it is
-    copied (channel-major bytes, so three copies of its one plane). The layout is the safetensors
-    format's own: an 8-byte little-endian header length, the JSON header padded with spaces to 8 bytes,
-    then the data; the small (int64) tensors come first so that each starts 8-byte aligned, as the
-    format's own writer keeps them for zero-copy readers.
+    The images never sit in memory together: the ``pixels`` files, read in order, hold each image's
+    ``c x side x side`` bytes in order (``channels``: each one's c; no image spans two files); a grey
+    image among RGB ones is replicated to 3 channels as it is copied (channel-major bytes, so three
+    copies of its one plane). The layout is the safetensors format's own: an 8-byte little-endian
+    header length, the JSON header padded with spaces to 8 bytes, then the data; the small (int64)
+    tensors come first so that each starts 8-byte aligned, as the format's own writer keeps them for
+    zero-copy readers.
     """
     width = max(channels)
     if any(width % c for c in channels):
@@ -73,16 +81,21 @@ def write_streamed(
     }
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    with open(path, "wb") as out, open(pixels, "rb") as src:
+    same = all(c == width for c in channels)
+    k = 0  # the next image's index in ``channels``
+    with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(text)))
         out.write(text)
         for blob in blobs:
             out.write(blob)
-        if all(c == width for c in channels):
-            shutil.copyfileobj(src, out, 1 << 24)
-        else:
-            for c in channels:
-                out.write(src.read(c * plane) * (width // c))
+        for part in pixels:
+            with open(part, "rb") as src:
+                if same:
+                    shutil.copyfileobj(src, out, 1 << 24)
+                    continue
+                while k < len(channels) and (image := src.read(channels[k] * plane)):
+                    out.write(image * (width // channels[k]))
+                    k += 1
 
 
 def source_identity(cfg: DataConfig, data_dir: str) -> Meta | None:
@@ -156,28 +169,40 @@ def _inputs_writer(
 
     def make(tmp: Path, header: dict[str, str]) -> None:
         pixels = tmp.with_name(tmp.name + ".pixels")
+        sources = [pixels]  # this process's images; decode workers' chunks follow, as files of their own
         channels: list[int] = []
         try:
             with open(pixels, "wb") as out:
 
-                def store(image: torch.Tensor) -> None:
+                def store(image: torch.Tensor | Part) -> None:
+                    if isinstance(image, Part):  # written by a decode worker
+                        sources.append(Path(image.path))
+                        channels.extend(image.channels)
+                        return
                     channels.append(image.shape[0])
                     try:
                         out.write(image.contiguous().numpy().data)  # no bytes copy per image
                     except OSError as exc:  # a full disk: one line, and nothing partial stays
                         raise write_error(tmp, exc) from None
 
-                data = decode(cfg, pre, data_dir, cache_dir, store, workers)
+                try:
+                    data = decode(cfg, pre, data_dir, cache_dir, store, workers, parts=str(pixels))
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                        raise
+                    raise write_error(tmp, exc) from None  # a decode worker's part file hit it
             tensors, meta = _pack(data)
             del tensors["images"]
             try:
                 write_streamed(
-                    tmp, pixels, channels, storage_size(pre), tensors, {**header, "meta": json.dumps(meta)}
+                    tmp, sources, channels, storage_size(pre), tensors, {**header, "meta": json.dumps(meta)}
                 )
             except OSError as exc:
                 raise write_error(tmp, exc) from None
         finally:
             pixels.unlink(missing_ok=True)
+            for part in pixels.parent.glob(glob.escape(pixels.name) + ".part*"):  # finished or not
+                part.unlink(missing_ok=True)
 
     return make
 

@@ -5,8 +5,10 @@ holds the stored images (uint8 at the weights' eval resize, :mod:`transferlab.da
 the dataset's fingerprint. It is written as a stream: each decoded image is appended to a pixel file
 as it comes, and the entry is then written from that file (:func:`write_streamed`), so a run's memory
 does not grow with the dataset while decoding; it is read back memory-mapped, hit or miss. Decoding
-runs in ``trainer.num_workers`` processes when that is above 1. The stream needs twice the entry's size
-on disk while it is written (pixel file and entry); a full disk fails in one line and leaves neither.
+runs in ``trainer.num_workers`` processes when that is above 1; each writes its chunks of images to
+part files of its own, which the entry is then copied from in order (only digests come back to this
+process). The stream needs twice the entry's size on disk while it is written (pixel or part files,
+and the entry); a full disk fails in one line and leaves none of them.
 """
 
 from __future__ import annotations

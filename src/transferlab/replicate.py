@@ -106,7 +106,7 @@ def commands(
                 *arm_overrides(logged.get("overrides", []), named | {_key(o) for o in kept}),
                 f"mlflow.tracking_uri={client.tracking_uri}",
                 f"mlflow.experiment_name={experiment}",
-                f"sweep.name={json.dumps(f'replicate {label}')}",  # quoted: Hydra's override grammar
+                f"sweep.name={json.dumps(f'replicate {label}', ensure_ascii=False)}",  # quoted: Hydra's grammar
                 *kept,
                 *extra,
             ]

@@ -103,15 +103,13 @@ def load_raw(cfg: DataConfig, data_dir: str, cache_dir: str | None = None) -> Ra
     return source_for(cfg).load(cfg, data_dir, cache_dir)
 
 
-def check_data(cfg: DataConfig, cache_dir: str | None = None) -> None:
-    """Pre-flight: what a source can check before any compute (an image folder: every file decodes)."""
-    source_for(cfg).check(cfg, cache_dir)
-
-
-def check_splits(cfg: DataConfig, data_dir: str, cache_dir: str | None = None) -> None:
-    """Pre-flight: the splits asked for (``data.train_per_class``, ``data.folds``) can be made. From
-    the labels alone, before any MLflow run or decoded image: a class too small is one line, no run."""
-    if cfg.train_per_class is not None or cfg.folds is not None:
+def check_data(cfg: DataConfig, cache_dir: str | None = None, data_dir: str = "") -> None:
+    """Pre-flight: what a source can check before any compute (an image folder: every file decodes),
+    and, with ``data.train_per_class`` or ``data.folds``, that those splits can be made, from the
+    labels alone: a class too small is one line, before any MLflow run or decoded image."""
+    if cfg.train_per_class is None and cfg.folds is None:
+        source_for(cfg).check(cfg, cache_dir)
+    else:  # every source's check is a load (or nothing), so the one load checks both
         make_splits(load_raw(cfg, data_dir, cache_dir), cfg)
 
 
@@ -288,22 +286,19 @@ def _decode_chunk(indices: list[int], part: str | None = None) -> tuple[list[byt
     """In a worker: the chunk's digests and its stored images, or (``part``) the images written there."""
     raw, pre = _WORKER_SOURCE  # type: ignore[misc]
     digests: list[bytes] = []
-    if part is None:
-        images = []
-        for index in indices:
-            array = raw.read(index)
-            digests.append(image_digest(array))
-            images.append(preprocess_image(array, pre).numpy())
-        return digests, images
-    channels = []
-    with open(part, "wb") as out:
+    images: list[np.ndarray] = []
+    channels: list[int] = []
+    with open(part, "wb") if part is not None else contextlib.nullcontext() as out:
         for index in indices:
             array = raw.read(index)
             digests.append(image_digest(array))
             stored = preprocess_image(array, pre)
-            channels.append(stored.shape[0])
-            out.write(stored.contiguous().numpy().data)
-    return digests, Part(part, channels)
+            if out is None:
+                images.append(stored.numpy())
+            else:
+                channels.append(stored.shape[0])
+                out.write(stored.contiguous().numpy().data)
+    return digests, images if part is None else Part(part, channels)
 
 
 def decode_workers(asked: int) -> int:

@@ -41,7 +41,7 @@ from transferlab.augment import check_policy
 from transferlab.backbones import BuiltBackbone, build_backbone, check_backbone_name, find_classifier
 from transferlab.cache import FeatureCache, Lookup
 from transferlab.checkpoint import Checkpoint, StopSignal, resume_hint, set_deterministic, stop_signals
-from transferlab.data import PreparedData, check_data, check_splits, class_counts
+from transferlab.data import PreparedData, check_data, class_counts
 from transferlab.engine import FitResult, Runner, StopRequested
 from transferlab.inputs import prepare_cached
 from transferlab.loop_state import check_device
@@ -72,8 +72,8 @@ def train(
     seed_everything(cfg.seed)  # before any module is built: random init and the head depend on it
     set_deterministic(cfg.trainer.deterministic)
     built = build_checked_backbone(cfg)
-    check_data(cfg.data, cfg.paths.cache_dir if cfg.data.cache else None)  # last: it may decode every image
-    check_splits(cfg.data, cfg.paths.data_dir, cfg.paths.cache_dir if cfg.data.cache else None)
+    # Last: it may decode every image (an image folder), and it checks data.train_per_class/folds.
+    check_data(cfg.data, cfg.paths.cache_dir if cfg.data.cache else None, cfg.paths.data_dir)
     run_name, tags = run_identity(cfg, choices, job)
     # Also a tag, not only the artifact: a store copied without its artifacts (a committed
     # experiment's mlflow.db) can still be replicated (transferlab.replicate reads it).

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Param, Run, RunData, RunInfo
 from scipy.stats import ttest_rel
 
 from transferlab import report
@@ -223,14 +224,18 @@ def test_a_sweep_whose_jobs_all_failed_exits_1(run_cli, store, tmp_path: Path, c
 
 
 def _logged_runs(
-    uri: str, tmp_path: Path, cells: dict[tuple[str, ...], float | tuple[float, ...]], keys: tuple[str, ...]
+    uri: str,
+    tmp_path: Path,
+    cells: dict[tuple[str, ...], float | tuple[float, ...]],
+    keys: tuple[str, ...],
+    axes: str = '["mode", "seed"]',
 ) -> None:
-    """An experiment ``mixed`` as a mode x seed sweep logs it: one run per cell and seed 0-2, every
-    metric ``accuracy + seed / 100`` (or the cell's own per-seed values); ``keys`` name the params each
-    cell's values go to."""
+    """An experiment ``mixed`` as a mode x seed sweep logs it (or one over ``axes``): one run per cell
+    and seed 0-2, every metric ``accuracy + seed / 100`` (or the cell's own per-seed values); ``keys``
+    name the params each cell's values go to."""
     client = MlflowClient(uri)
     experiment = client.create_experiment("mixed", artifact_location=str(tmp_path / "artifacts"))
-    client.create_run(experiment, tags={"sweep.role": "parent", "sweep.axes": '["mode", "seed"]'})
+    client.create_run(experiment, tags={"sweep.role": "parent", "sweep.axes": axes})
     for cell, accuracy in cells.items():
         per_seed = accuracy if isinstance(accuracy, tuple) else tuple(accuracy + s / 100 for s in (0, 1, 2))
         for seed in (0, 1, 2):
@@ -269,6 +274,53 @@ def test_runs_that_differ_in_an_unswept_key_are_not_averaged_together(tmp_path: 
     assert (
         "feature_extract ran with trainer.epochs=10 only: every other trainer.epochs is paired with it."
         in printed
+    )
+
+
+def test_one_sweep_per_mode_compares_the_modes_at_equal_settings_each_with_its_recipe(
+    tmp_path: Path, capsys
+) -> None:
+    """elpv_protocol's shape: each mode launched as its own seed sweep, with its own epochs and
+    augmentation, at two training-set sizes. The mode's keys are one axis; epochs and augmentation are
+    each mode's recipe (shown, never a pairing key); the modes pair at each size."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    keys = ("mode.name", "mode.lr", "augment.name", "augment.crop", "trainer.epochs", "data.train_per_class")
+    accuracy = {
+        ("feature_extract", "0.001", "none", "center", "30", "null"): 0.80,
+        ("full_finetune", "0.0001", "standard", "random_resized", "8", "null"): 0.84,
+        ("feature_extract", "0.001", "none", "center", "50", "10"): 0.70,
+        ("full_finetune", "0.0001", "standard", "random_resized", "50", "10"): 0.65,
+    }
+    _logged_runs(uri, tmp_path, accuracy, keys, axes='["seed"]')
+    out = tmp_path / "report"
+    assert report.main(["--experiment", "mixed", "--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
+    printed = capsys.readouterr().out
+    assert "grouped by data.train_per_class, mode (data.train_per_class, mode: not swept" in printed
+    assert "; augment, trainer.epochs: each mode's own recipe at each setting" in printed
+    stats = pd.read_csv(out / "summary.csv", keep_default_na=False)
+    assert stats[["data.train_per_class", "mode", "augment", "trainer.epochs", "n"]].values.tolist() == [
+        ["10", "feature_extract", "none", 50, 3],
+        ["10", "full_finetune", "standard", 50, 3],
+        ["null", "feature_extract", "none", 30, 3],
+        ["null", "full_finetune", "standard", 8, 3],
+    ]
+    assert not {"mode.lr", "augment.crop", "mode.name"} & set(stats.columns)
+    paired = pd.read_csv(out / "paired.csv", keep_default_na=False).set_index("data.train_per_class")
+    assert paired.loc["null", "test_accuracy_diff_mean"] == pytest.approx(0.04)
+    assert paired.loc["10", "test_accuracy_diff_mean"] == pytest.approx(-0.05)
+    assert list(paired["n_pairs"]) == [3, 3] and "trainer.epochs" not in paired.columns
+    # A key of the mode that varies within one mode (lp_ft's probe epochs) stays an axis of its own.
+    assert report.hidden_axes(
+        [_run({"mode.name": "lp_ft", "mode.probe_epochs": e, "mode.lr": "0.1"}) for e in ("5", "50")]
+        + [_run({"mode.name": "feature_extract", "mode.lr": "0.01"})],
+        ["seed"],
+    ) == ["mode", "mode.probe_epochs"]
+
+
+def _run(params: dict[str, str]) -> Run:
+    return Run(
+        RunInfo("r", "0", "u", "FINISHED", 0, 0, "active"),
+        RunData(params=[Param(k, v) for k, v in params.items()]),
     )
 
 

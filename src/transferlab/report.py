@@ -31,6 +31,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
+from transferlab.report_axes import axis_value, broadcast_base, hidden_axes, recipe_axes
 from transferlab.report_render import (
     compare,
     display_diffs,
@@ -58,11 +59,8 @@ from transferlab.report_stats import (
     ReportError,
     Selection,
     analyse,
-    axis_value,
-    broadcast_base,
     cost_columns,
     dedupe,
-    hidden_axes,
     paired,
     pretraining,
     runs_frame,
@@ -97,6 +95,7 @@ __all__ = [
     "display_tables",
     "failures_section",
     "hidden_axes",
+    "recipe_axes",
     "latex",
     "main",
     "markdown",

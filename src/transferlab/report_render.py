@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
+from transferlab.report_axes import _shown
 from transferlab.report_stats import (
     BASE,
     METRICS,
@@ -28,7 +29,6 @@ from transferlab.report_stats import (
     WEIGHTS,
     Analysis,
     Reference,
-    _shown,
 )
 
 # What the cost columns mean, under the summary table.
@@ -151,7 +151,7 @@ def plot_bars(
     # One axis per line: long labels (backbone · weights · epochs) stay under their own bars.
     ax.set_xticks(np.arange(len(cats)), [c.replace(" · ", "\n") for c in cats], fontsize="small")
     ax.set_ylabel(header)
-    ax.set_title(f"{header}: mean ± std over seeds")
+    ax.set_title(f"{header}: mean ± std over replicates")
     if scale == 100.0:  # percentages: zoom to the bars (differences of a point are what matters)
         lows = [
             (r[f"{metric}_mean"] - np.nan_to_num(r[f"{metric}_std"])) * scale for _, r in stats.iterrows()
@@ -302,9 +302,9 @@ def write_report(
     """Write every table and plot of ``analysis`` into ``out``; return the Markdown report."""
     groups, extra, df, stats = analysis.groups, analysis.extra, analysis.runs, analysis.stats
     diffs, gains, pair_notes = analysis.diffs, analysis.gains, analysis.pair_notes
-    shown = groups
+    shown = [*groups, *analysis.recipe]
     if analysis.selection is not None:  # the chosen tuned values beside each arm
-        shown = [*groups, *analysis.tuned]
+        shown = [*shown, *analysis.tuned]
         stats = (
             stats.merge(analysis.selection[[*groups, *analysis.tuned]], on=groups, how="left")
             if groups
@@ -315,10 +315,15 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     pd.concat([df, analysis.failed]).to_csv(out / "runs.csv", index=False)
     stats.to_csv(out / "summary.csv", index=False)
-    tex = [latex(tex_table, f"{title}: mean ± std over seeds (n runs).")]
+    tex = [latex(tex_table, f"{title}: mean ± std over replicates (n runs).")]
     grouped = f"{len(df)} FINISHED run(s) grouped by {', '.join(groups) or '(nothing swept)'}"
     if extra:
         grouped += f" ({', '.join(extra)}: not swept, but differ between runs of one group)"
+    if analysis.recipe:
+        grouped += (
+            f"; {', '.join(analysis.recipe)}: each mode's own recipe at each setting, shown, never "
+            "paired on (the modes are compared at equal settings, each with its recipe)"
+        )
     # The replicates averaged over (and paired by): the seed, and the split seed and fold where swept.
     replicates = ", ".join(["seed", *(r for r in REPLICATES[1:] if r in df.columns)])
     parts = [
@@ -333,7 +338,7 @@ def write_report(
         parts.insert(
             2,
             f"Selected on validation: per arm, the {', '.join(analysis.tuned)} with the best mean "
-            f"{metric.removesuffix('_mean')} over seeds (of `candidates` configurations; test metrics chose "
+            f"{metric.removesuffix('_mean')} over the replicates all its candidates ran (of `candidates` configurations; test metrics chose "
             "nothing); only those runs are in the tables. Chosen values and test 95 % CIs: `selection.csv`.",
         )
     how = (

@@ -35,9 +35,17 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from transferlab.report_axes import (
+    BASE,
+    RANDOM_INIT,
+    REPLICATES,
+    WEIGHTS,
+    axis_value,
+    broadcast_base,
+    recipe_axes,
+)
 from transferlab.report_ci import ci95, holm
-from transferlab.schemas import NOT_SEMANTIC
-from transferlab.sweep import CONFIG_HASH, NAME_ORDER, ROLE
+from transferlab.sweep import CONFIG_HASH, ROLE
 
 # metric -> (column header, scale, decimals)
 METRICS: dict[str, tuple[str, float, int]] = {
@@ -60,11 +68,7 @@ METRICS: dict[str, tuple[str, float, int]] = {
 DERIVED = ("train_time_s", "feature_pass_s", "from_scratch_s")
 PAIRED = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1")
 SHIFTED = ("shift_test_accuracy", "shift_test_balanced_accuracy")  # shown only when some run has them
-# Replicates: runs that differ only in these are averaged (and paired by them), never compared.
-REPLICATES = ("seed", "data.split_seed", "data.fold")
-BASE = "feature_extract"  # every other mode is reported as its difference to this one
 DIAL = ("partial", "lp_ft", "full_finetune")  # the order of the dial: least to most of the backbone trained
-WEIGHTS, RANDOM_INIT = "backbone.weights", "null"  # the random-init control is paired against pretrained
 
 
 class ReportError(Exception):
@@ -163,66 +167,6 @@ def dedupe(runs: list[Run]) -> tuple[list[Run], list[Run]]:
         done = [r for r in group if r.info.status == "FINISHED"]
         (finished if done else failed).append(done[0] if done else group[0])
     return finished, failed
-
-
-def axis_value(run: Run, axis: str) -> str:
-    """A group's option by its ``name`` (``backbone.name``), else the param, else the choice tag."""
-    params, tags = run.data.params, run.data.tags
-    for key in (f"{axis}.name", axis):
-        if key in params:
-            return params[key]
-    return tags.get(f"choice.{axis}", "?")
-
-
-def _semantic_params(run: Run) -> dict[str, str]:
-    """The params that decide what a run computes: not where it is logged, not the derived stage.*."""
-    return {
-        k: v
-        for k, v in run.data.params.items()
-        if k not in REPLICATES
-        and not k.startswith("stage.")
-        and not any(k == n or k.startswith(f"{n}.") for n in NOT_SEMANTIC)
-    }
-
-
-def hidden_axes(runs: list[Run], axes: list[str]) -> list[str]:
-    """Params that differ between runs of one group: never averaged together, so they become axes.
-
-    An experiment that collects several sweeps (a relaunch with ``trainer.epochs=6``, a sweep with
-    another lr) would otherwise average two protocols into one mean ± std.
-    """
-    groups: dict[tuple[str, ...], list[dict[str, str]]] = {}
-    for run in runs:
-        key = tuple(axis_value(run, a) for a in axes if a not in REPLICATES)
-        groups.setdefault(key, []).append(_semantic_params(run))
-    varying: list[str] = []
-    for params in groups.values():
-        keys = sorted(set().union(*params))
-        varying += [k for k in keys if len({p.get(k, "∅") for p in params}) > 1 and k not in varying]
-    # A group option that varies (mode=lp_ft and mode=partial) is one axis, not one per key.
-    covered = set(axes) | {f"{a}.name" for a in axes}
-    return [k for k in varying if k not in covered]
-
-
-def broadcast_base(df: pd.DataFrame, axes: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
-    """Where BASE ran with one value of a hidden axis, pair every other value with it.
-
-    E.g. feature extraction ran 10 epochs, lp_ft 3 and 6: both lp_ft rows are paired with the one
-    feature-extraction protocol. Returns the frame to pair and a note per broadcast axis.
-    """
-    notes = []
-    # Never across the weights: random-init fine-tuning minus pretrained feature extraction would
-    # mix two factors; the control is compared with its pretrained twin (``pretraining``) instead.
-    for axis in (a for a in axes if a != WEIGHTS):
-        base_values = set(df.loc[df["mode"] == BASE, axis])
-        others = set(df[axis]) - base_values
-        if len(base_values) != 1 or not others:
-            continue
-        (value,) = base_values
-        base = df[df["mode"] == BASE]
-        df = pd.concat([df, *(base.assign(**{axis: v}) for v in sorted(others))], ignore_index=True)
-        notes.append(f"{BASE} ran with {_shown(axis, value)} only: every other {axis} is paired with it.")
-    return df, notes
 
 
 def runs_frame(runs: list[Run], axes: list[str], extra: Sequence[str] = ()) -> pd.DataFrame:
@@ -373,11 +317,6 @@ def pretraining(df: pd.DataFrame, groups: list[str]) -> pd.DataFrame | None:
     return with_holm(pd.DataFrame(rows)) if rows else None
 
 
-def _shown(axis: str, value: object) -> str:
-    """A group's option bare (``efficientnet_lite0``), any other key as ``key=value``."""
-    return str(value) if axis in NAME_ORDER else f"{axis}={value}"
-
-
 @dataclass(frozen=True)
 class Reference:
     """A published test accuracy to set the table beside, e.g. Deitsch et al. 2019's 88.42 %."""
@@ -415,13 +354,22 @@ class Analysis:
     # tuned axes; None / [] for a report of every configuration.
     selection: pd.DataFrame | None = None
     tuned: list[str] = field(default_factory=list)
+    # Hidden axes that each mode's recipe decides at every setting (``recipe_axes``): columns of
+    # ``stats`` beside the groups, never a grouping or pairing key.
+    recipe: list[str] = field(default_factory=list)
 
 
 def analyse(df: pd.DataFrame, failed: pd.DataFrame, axes: list[str], extra: list[str]) -> Analysis:
     """The summary and the paired tables of the FINISHED runs ``df`` (``runs_frame``) over ``axes``."""
     groups = [a for a in axes if a not in REPLICATES]
+    recipe = recipe_axes(df, groups, extra)
+    groups = [g for g in groups if g not in recipe]
     stats = summary(df, groups)
-    pairable, pair_notes = broadcast_base(df, extra) if "mode" in groups else (df, [])
+    if recipe:  # one value per group (recipe_axes), shown after the group's axes
+        stats = stats.merge(df.groupby(groups, sort=True)[recipe].first().reset_index(), on=groups)
+        stats = stats[[*groups, *recipe, *(c for c in stats.columns if c not in (*groups, *recipe))]]
+    hidden = [e for e in extra if e not in recipe]
+    pairable, pair_notes = broadcast_base(df, hidden) if "mode" in groups else (df, [])
     diffs = paired(pairable, groups)
     gains = pretraining(df, groups)
-    return Analysis(groups, extra, df, failed, stats, diffs, gains, pair_notes)
+    return Analysis(groups, hidden, df, failed, stats, diffs, gains, pair_notes, recipe=recipe)

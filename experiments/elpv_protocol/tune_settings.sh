@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Step 1b of experiments/elpv_protocol/README.md: the tuning sweeps of the data-efficiency and shift
+# settings, at split 42 and seed 0, each arm over its lr grid. Run from the repository root, alone on
+# the machine; a relaunch skips every job that already FINISHED in the experiment's store, so stop it
+# (Ctrl-C) and start it again on another day. PYTHON overrides the interpreter (default .venv's).
+set -euo pipefail
+python=${PYTHON:-.venv/bin/python}
+train() { "$python" -m transferlab.train -m experiment=elpv_protocol "$@"; }
+FE=1e-4,3e-4,1e-3,3e-3,1e-2 FT=1e-4,3e-4,1e-3 LPFT=3e-5,1e-4,3e-4
+
+# Data efficiency: N training images per class, epochs scaled so that 20 images still get tens of
+# updates (every arm alike, lp_ft's probe stage included).
+for pair in 10:50 30:30 100:15; do
+    n=${pair%:*} epochs=${pair#*:}
+    setting=(data.train_per_class="$n" trainer.epochs="$epochs")
+    train "${setting[@]}" mode=feature_extract optimizer.lr=$FE
+    train "${setting[@]}" mode=full_finetune optimizer.lr=$FT
+    train "${setting[@]}" mode=lp_ft mode.probe_epochs="$epochs" optimizer.lr=$LPFT
+done
+
+# Distribution shift: train, validate and test on monocrystalline cells; also test on every
+# polycrystalline one. The main protocol's epochs.
+shift=(data.cell_type=mono data.shift_cell_type=poly)
+train "${shift[@]}" mode=feature_extract optimizer.lr=$FE trainer.epochs=30
+train "${shift[@]}" mode=full_finetune optimizer.lr=$FT
+train "${shift[@]}" mode=lp_ft optimizer.lr=$LPFT

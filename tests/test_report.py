@@ -350,7 +350,7 @@ def test_the_random_init_control_is_paired_with_its_pretrained_twin_not_with_fea
     assert gains.loc[0, "test_accuracy_diff_mean"] == pytest.approx(0.26 / 3)
     expected = ttest_rel([0.83, 0.84, 0.85], [0.75, 0.77, 0.74])
     assert gains.loc[0, "test_accuracy_p"] == pytest.approx(expected.pvalue)
-    assert "## Pretrained − random init (backbone.weights=null), paired by seed" in printed
+    assert "## Pretrained − random init (backbone.weights=null), paired by replicate" in printed
     assert "| full_finetune | imagenet | 3 | 8.67 ± 2.08 |" in printed
     tex = (out / "report.tex").read_text()
     assert "Pretrained minus random initialisation" in tex and "No feature\\_extract run" in tex

@@ -218,7 +218,7 @@ def plot_efficiency(stats: pd.DataFrame, groups: list[str], path: Path) -> dict[
 
 
 def plot_curves(client: MlflowClient, df: pd.DataFrame, groups: list[str], path: Path) -> None:
-    """Validation accuracy per epoch, one panel per mode, mean ± std over seeds per other group."""
+    """Validation accuracy per epoch, one panel per mode, mean ± std over replicates per other group."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -338,11 +338,12 @@ def write_report(
         parts.insert(
             2,
             f"Selected on validation: per arm, the {', '.join(analysis.tuned)} with the best mean "
-            f"{metric.removesuffix('_mean')} over the replicates all its candidates ran (of `candidates` configurations; test metrics chose "
-            "nothing); only those runs are in the tables. Chosen values and test 95 % CIs: `selection.csv`.",
+            f"{metric.removesuffix('_mean')} over the replicates all its candidates ran (of `candidates` "
+            "configurations; test metrics chose nothing); only those runs are in the tables. Chosen values "
+            "and test 95 % CIs: `selection.csv`.",
         )
     how = (
-        "Mean ± std of the per-seed differences in percentage points, their t-based 95 % confidence "
+        "Mean ± std of the per-replicate differences in percentage points, their t-based 95 % confidence "
         "interval; p Holm: the two-sided paired t-test's p (`scipy.stats.ttest_rel`) adjusted by "
         "Holm–Bonferroni over the table's rows, per metric (raw p in the CSV); – where fewer than two pairs."
     )
@@ -353,24 +354,22 @@ def write_report(
         shown, note = _split_unpaired(diffs, groups, f"No {BASE} run (with a seed in common) to pair with")
         note = "".join(f" {n}" for n in pair_notes) + note
         header = f"mode − {BASE}"
-        parts += [f"## Each mode − {BASE}, paired by seed", how + note]
+        parts += [f"## Each mode − {BASE}, paired by replicate", how + note]
         if len(shown):
             parts.append(markdown(display_diffs(shown, groups, "mode", header, "±")))
-            caption = f"Each mode minus {BASE}, paired by seed (ttest_rel).{note}"
+            caption = f"Each mode minus {BASE}, paired by replicate (ttest_rel).{note}"
             tex.append(latex(display_diffs(shown, groups, "mode", header, r"$\pm$"), caption))
     if gains is not None:
         gains.to_csv(out / "pretraining.csv", index=False)
         shown, note = _split_unpaired(gains, groups, "No pretrained twin (with a seed in common) for")
         header = f"{WEIGHTS} − {RANDOM_INIT}"
         parts += [
-            f"## Pretrained − random init ({WEIGHTS}={RANDOM_INIT}), paired by seed",
+            f"## Pretrained − random init ({WEIGHTS}={RANDOM_INIT}), paired by replicate",
             how + " The same config but for the weights: what pretraining is worth." + note,
         ]
         if len(shown):
             parts.append(markdown(display_diffs(shown, groups, WEIGHTS, header, "±")))
-            caption = (
-                f"Pretrained minus random initialisation ({WEIGHTS}={RANDOM_INIT}), paired by seed.{note}"
-            )
+            caption = f"Pretrained minus random initialisation ({WEIGHTS}={RANDOM_INIT}), paired by replicate.{note}"
             tex.append(latex(display_diffs(shown, groups, WEIGHTS, header, r"$\pm$"), caption))
     if references:
         parts += [

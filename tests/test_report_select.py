@@ -261,7 +261,11 @@ def test_the_data_efficiency_plot_draws_each_arm_against_images_per_class(tmp_pa
             mean = base + gain * (2.5 if mode == "full_finetune" else 1)
             rows.append({"mode": mode, "data.train_per_class": n, "test_accuracy_mean": mean,
                          "test_accuracy_ci95_low": mean - 0.02, "test_accuracy_ci95_high": mean + 0.02})  # fmt: skip
+    # An arm with every training image only (another setting, e.g. mono cells) draws no curve.
+    rows.append({"mode": "lp_ft", "data.train_per_class": "null", "test_accuracy_mean": 0.9,
+                 "test_accuracy_ci95_low": 0.88, "test_accuracy_ci95_high": 0.92})  # fmt: skip
     curves = plot_efficiency(pd.DataFrame(rows), ["mode", "data.train_per_class"], tmp_path / "e.png")
+    assert set(curves) == {"feature_extract", "full_finetune"}
     assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ft = curves["full_finetune"]
     assert ft["_n"].tolist()[:3] == [10, 30, 100] and math.isnan(ft["_n"].iloc[3])  # N ascending, "all" apart

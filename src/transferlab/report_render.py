@@ -171,13 +171,15 @@ EFFICIENCY = "data.train_per_class"  # the data-efficiency axis: training images
 
 def efficiency_curves(stats: pd.DataFrame, groups: list[str]) -> dict[str, pd.DataFrame]:
     """Per arm (every group axis but ``data.train_per_class``): N, mean test accuracy and its 95 % CI,
-    N ascending; the runs with every training image (``null``) as N = NaN, drawn apart."""
+    N ascending; the runs with every training image (``null``) as N = NaN, drawn apart. An arm that
+    never ran with fewer images (the shift setting beside the curve) is no curve."""
     others = [g for g in groups if g != EFFICIENCY]
     frame = stats.assign(_n=pd.to_numeric(stats[EFFICIENCY], errors="coerce"))
     columns = ["_n", "test_accuracy_mean", "test_accuracy_ci95_low", "test_accuracy_ci95_high"]
     curves = {}
     for _, part in frame.groupby(others, sort=True) if others else [((), frame)]:
-        curves[_label(part.iloc[0], others)] = part.sort_values("_n")[columns].reset_index(drop=True)
+        if part["_n"].notna().any():
+            curves[_label(part.iloc[0], others)] = part.sort_values("_n")[columns].reset_index(drop=True)
     return curves
 
 

@@ -9,7 +9,8 @@ ran (``backbone.weights=null``), pretrained minus random init, paired the same w
 Runs of one group that differ in a key nobody swept (two sweeps into one experiment, at
 ``trainer.epochs=3`` and ``=6``) are never averaged together: that key becomes an axis, said above the
 table; where feature extraction ran with one value of it, every other value is paired with that one
-(never across ``backbone.weights``: the control is paired with its pretrained twin instead).
+(never across ``backbone.weights``: the control is paired with its pretrained twin instead). Which
+keys those are, and which are each mode's own recipe: :mod:`transferlab.report_axes`.
 
 Each config (tag ``config_hash``) counts once: its newest FINISHED run. Configs with no FINISHED run
 are listed as failed, never averaged in.

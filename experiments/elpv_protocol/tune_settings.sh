@@ -24,3 +24,14 @@ shift=(data.cell_type=mono data.shift_cell_type=poly)
 train "${shift[@]}" mode=feature_extract optimizer.lr=$FE trainer.epochs=30
 train "${shift[@]}" mode=full_finetune optimizer.lr=$FT
 train "${shift[@]}" mode=lp_ft optimizer.lr=$LPFT
+
+# The grid rule (README: an arm's choice at the edge of its grid and strictly better on validation than
+# the next value inside extends the grid by one value), applied 2026-12-02 07:56-07:58 UTC on the
+# validation numbers of the sweeps above; each line is what the rule asked for, in order.
+train data.train_per_class=10 trainer.epochs=50 mode=feature_extract optimizer.lr=3e-2,1e-1
+train data.train_per_class=30 trainer.epochs=30 mode=feature_extract optimizer.lr=3e-2,1e-1
+train "${shift[@]}" mode=feature_extract optimizer.lr=3e-2 trainer.epochs=30
+# Asked for by the rule, not yet run (the fine-tuning extensions, a few minutes each):
+train data.train_per_class=10 trainer.epochs=50 mode=full_finetune optimizer.lr=3e-3
+train data.train_per_class=30 trainer.epochs=30 mode=lp_ft mode.probe_epochs=30 optimizer.lr=1e-3
+train data.train_per_class=100 trainer.epochs=15 mode=full_finetune optimizer.lr=3e-3

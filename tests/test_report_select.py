@@ -60,6 +60,16 @@ def _frame() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def test_a_tie_on_validation_goes_to_the_smaller_value_by_number_not_by_text() -> None:
+    # MLflow logs params as text: "3e-05" sorts after "0.0001" as a string, before it as a number.
+    rows = [
+        {"mode": "lp_ft", "optimizer.lr": lr, "seed": 0, "best_val_accuracy": 0.9259, "run_id": lr}
+        for lr in ("0.0001", "0.0003", "3e-05")
+    ]
+    chosen, choices = select(pd.DataFrame(rows), ["mode"], ["optimizer.lr"], "best_val_accuracy")
+    assert choices.loc[0, "optimizer.lr"] == "3e-05" and chosen["run_id"].tolist() == ["3e-05"]
+
+
 def test_selection_reads_validation_only() -> None:
     df = _frame()
     chosen, choices = select(df, ["mode"], ["optimizer.lr"], "best_val_accuracy")

@@ -60,7 +60,7 @@ def select(
     configurations (all their replicates) and one row per arm (arm axes, chosen tuned values, ``n``
     runs, ``<metric>_mean`` on the compared replicates, ``selected_on`` their number, ``candidates``).
     Only the arm, tuned, replicate and ``metric`` columns are read, so no test metric can change what
-    is chosen. Ties: more compared runs, then the smaller tuned values in sort order.
+    is chosen. Ties: more compared runs, then the smaller tuned values (by number where numeric).
     """
     sign = 1.0 if metric.endswith(LOWER_IS_BETTER) else -1.0
     replicate = "replicate" if "replicate" in df.columns else "seed"
@@ -86,7 +86,12 @@ def select(
             .agg(["mean", "count"])
         )
         configs = configs.reset_index().assign(_key=lambda c: sign * c["mean"])
-        configs = configs.sort_values(["_key", "count"], ascending=[True, False], kind="stable")
+        # Ties: the smaller value by number where it is one ("3e-05" before "0.0001"), not as text.
+        numbers = {f"_number_{k}": pd.to_numeric(configs[k], errors="coerce") for k in tuned}
+        order = ["_key", "count", *(x for k in tuned for x in (f"_number_{k}", k))]
+        configs = configs.assign(**numbers).sort_values(
+            order, ascending=[True, False, *[True] * 2 * len(tuned)], kind="stable", na_position="last"
+        )
         best = configs.iloc[0]
         chosen = dict(zip(arms, arm if isinstance(arm, tuple) else (arm,), strict=True))
         chosen |= {k: best[k] for k in tuned}

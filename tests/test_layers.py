@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     # 3 entrypoints.
     "transferlab.train": 3,
     "transferlab.report": 3,
+    "transferlab.report_axes": 3,
     "transferlab.report_stats": 3,
     "transferlab.report_ci": 3,
     "transferlab.report_select": 3,

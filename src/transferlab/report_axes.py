@@ -51,10 +51,11 @@ def hidden_axes(runs: list[Run], axes: list[str]) -> list[str]:
     An experiment that collects several sweeps (a relaunch with ``trainer.epochs=6``, a sweep with
     another lr) would otherwise average two protocols into one mean ± std.
     """
+    every = [_semantic_params(run) for run in runs]
     groups: dict[tuple[str, ...], list[dict[str, str]]] = {}
-    for run in runs:
+    for run, params in zip(runs, every, strict=True):
         key = tuple(axis_value(run, a) for a in axes if a not in REPLICATES)
-        groups.setdefault(key, []).append(_semantic_params(run))
+        groups.setdefault(key, []).append(params)
     varying: list[str] = []
     for params in groups.values():
         keys = sorted(set().union(*params))
@@ -62,7 +63,6 @@ def hidden_axes(runs: list[Run], axes: list[str]) -> list[str]:
     # A group option that varies (mode=lp_ft and mode=partial) is one axis, not one per key: its
     # name and every key of it that the name decides (mode.lr, mode.batchnorm, ...). A key of the
     # group that varies on its own (lp_ft at mode.probe_epochs=5 and 50) stays an axis.
-    every = [_semantic_params(run) for run in runs]
     collapsed: list[str] = []
     for key in varying:
         group = key.partition(".")[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -15,7 +16,7 @@ from statsmodels.stats.multitest import multipletests
 
 from transferlab import report
 from transferlab.report_ci import ci95, holm
-from transferlab.report_select import select
+from transferlab.report_select import select, with_test_cis
 from transferlab.report_stats import ReportError
 
 from .conftest import TINY, launch, store_overrides
@@ -101,6 +102,18 @@ def test_selection_reads_validation_only() -> None:
     losses = df.assign(best_val_loss=1 - df["best_val_accuracy"])
     _, by_loss = select(losses, ["mode"], ["optimizer.lr"], "best_val_loss")
     assert by_loss["optimizer.lr"].tolist() == choices["optimizer.lr"].tolist()
+
+
+def test_a_test_metric_only_some_arms_logged_is_nan_for_the_others_without_a_warning() -> None:
+    # shift_test_accuracy exists only where data.shift_* was set: the other arms get NaN, quietly.
+    df = _frame().assign(shift_test_accuracy=lambda d: np.where(d["mode"] == "full_finetune", 0.7, np.nan))
+    chosen, choices = select(df, ["mode"], ["optimizer.lr"], "best_val_accuracy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = with_test_cis(choices, chosen, ["mode"], ["test_accuracy", "shift_test_accuracy"])
+    shift = out.set_index("mode")["shift_test_accuracy_mean"]
+    assert math.isnan(shift["feature_extract"]) and shift["full_finetune"] == pytest.approx(0.7)
+    assert out.set_index("mode")["test_accuracy_mean"].tolist() == pytest.approx([0.6, 0.6])
 
 
 @pytest.fixture(scope="module")

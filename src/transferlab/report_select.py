@@ -123,9 +123,11 @@ def with_test_cis(
             mask = pd.Series(True, index=selected.index)
             for key in arms:
                 mask &= selected[key] == row[key]
-            values = selected.loc[mask, metric].tolist()
+            # NaN where a run did not log the metric (shift_test_* outside the shift arms): skipped,
+            # and an arm without it gets NaN, not numpy's "mean of empty slice" warning.
+            values = [v for v in selected.loc[mask, metric].tolist() if not math.isnan(v)]
             low, high = ci95(values)
-            means.append(float(np.nanmean(values)) if values else math.nan)
+            means.append(float(np.mean(values)) if values else math.nan)
             lows.append(low)
             highs.append(high)
         out[f"{metric}_mean"], out[f"{metric}_ci95_low"], out[f"{metric}_ci95_high"] = means, lows, highs

@@ -195,6 +195,14 @@ def test_the_reference_row_is_the_best_group_on_validation() -> None:
     )
     table = compare(stats_, ["mode"], [Reference("paper", 0.5)])
     assert table.iloc[0]["best group here (on validation)"] == "a"  # not b, the better one on test
+    # Another data setting has its own validation set: its best is its own row, never "the" best.
+    mono = stats_.assign(**{"data.cell_type": "mono", "best_val_accuracy_mean": [0.99, 0.98]})
+    both = pd.concat([stats_.assign(**{"data.cell_type": "all"}), mono], ignore_index=True)
+    table = compare(both, ["data.cell_type", "mode"], [Reference("paper", 0.5)])
+    assert table[["setting", "best group here (on validation)"]].values.tolist() == [
+        ["data.cell_type=all", "a"],
+        ["data.cell_type=mono", "a"],
+    ]
 
 
 def test_select_error_is_a_report_error() -> None:

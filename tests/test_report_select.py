@@ -203,6 +203,12 @@ def test_the_reference_row_is_the_best_group_on_validation() -> None:
         ["data.cell_type=all", "a"],
         ["data.cell_type=mono", "a"],
     ]
+    # So has another dataset, a swept data=... group (the axis "data" once hidden_axes collapsed it).
+    datasets = both.rename(columns={"data.cell_type": "data"}).replace(
+        {"data": {"all": "elpv", "mono": "folder"}}
+    )
+    table = compare(datasets, ["data", "mode"], [Reference("paper", 0.5)])
+    assert table["setting"].tolist() == ["elpv", "folder"]  # a group axis shows its choice
 
 
 def test_select_error_is_a_report_error() -> None:

@@ -265,23 +265,25 @@ def compare(stats: pd.DataFrame, groups: list[str], references: Sequence[Referen
     """Each reference against the group with the best mean **validation** accuracy here (its test
     accuracy is then read, never used to choose; groups without a validation number are not chosen).
 
-    One best group per data setting (the ``data.*`` axes): validation accuracies of other cells or
+    One best group per data setting (the ``data`` and ``data.*`` axes): validation accuracies of other cells or
     of fewer training images are no single ranking (elpv_protocol's 81 monocrystalline validation
     images would otherwise "beat" the 197 of the full set), and a reference was measured at one of
     them, which the reader matches by the ``setting`` column.
     """
-    settings = [g for g in groups if g.startswith("data.")]
+    settings = [g for g in groups if g == "data" or g.startswith("data.")]  # data=... or data.<key>
     arms = [g for g in groups if g not in settings]
     parts = [part for _, part in stats.groupby(settings, sort=True, dropna=False)] if settings else [stats]
+    bests = []
+    for part in parts:
+        ranked = part.dropna(subset=["best_val_accuracy_mean"])
+        bests.append(
+            (ranked if len(ranked) else part)
+            .sort_values("best_val_accuracy_mean", ascending=False, kind="stable")
+            .iloc[0]
+        )
     rows = []
     for ref in references:
-        for part in parts:
-            ranked = part.dropna(subset=["best_val_accuracy_mean"])
-            best = (
-                (ranked if len(ranked) else part)
-                .sort_values("best_val_accuracy_mean", ascending=False, kind="stable")
-                .iloc[0]
-            )
+        for best in bests:
             mean, std = best["test_accuracy_mean"], best["test_accuracy_std"]
             low = best.get("test_accuracy_ci95_low", math.nan)
             high = best.get("test_accuracy_ci95_high", math.nan)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -248,6 +249,53 @@ def test_stage_boundary_logging_waits_out_an_outage(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.mark.slow  # about 15-25 s (a real server): CI runs it with the guarantees
+@pytest.mark.guarantee
+@pytest.mark.parametrize("ending", ["failed", "finished"])
+def test_a_run_ending_while_the_server_is_down_is_ended_and_its_system_metrics_stop(
+    tmp_path: Path, ending: str
+) -> None:
+    """MLflow's end_run forgets the run, then calls the server, then stops the run's system-metrics
+    sampler. With the server down, a failing run's sampler lived on, logged into the run once the
+    server was back and gave the resumed run two values at one step (a flaky duplicate ``system/*``
+    point in CI); a finishing run's retried end_run ended nothing and left the run RUNNING."""
+    import mlflow
+    from mlflow.tracking.fluent import run_id_to_system_metrics_monitor as samplers
+
+    from transferlab import resilient, tracking
+    from transferlab.schemas import MlflowConfig
+
+    server = Server(tmp_path)
+    server.start()
+    restart = threading.Timer(3.0, server.start)  # "finished": back within mlflow.max_outage_s
+    try:
+        cfg = MlflowConfig(
+            tracking_uri=server.url, artifact_location=str(tmp_path), max_outage_s=1 if ending == "failed" else 120,
+            system_metrics=True, system_metrics_interval_s=0.2,
+        )  # fmt: skip
+        resilient.configure(cfg)
+        mlflow.set_tracking_uri(server.url)
+        experiment = MlflowClient(server.url).create_experiment("sampler")
+        raises = pytest.raises(RuntimeError, match="the training failed")
+        expected = raises if ending == "failed" else contextlib.nullcontext()
+        with expected, tracking.mlflow_run(experiment, "r", {}, system_metrics=cfg) as run:
+            thread = samplers[run.info.run_id]._process  # MLflow's sampling thread
+            assert thread is not None and thread.is_alive()
+            server.stop()
+            if ending == "failed":
+                raise RuntimeError("the training failed")
+            restart.start()
+        assert run.info.run_id not in samplers and mlflow.active_run() is None
+        thread.join(timeout=30)  # finish() joined it already; the timeout only bounds a failure
+        assert not thread.is_alive()
+        if ending == "finished":
+            assert MlflowClient(server.url).get_run(run.info.run_id).info.status == "FINISHED"
+    finally:
+        if restart.is_alive() or restart.finished.is_set():
+            restart.join()
+        server.stop()
+
+
 @pytest.mark.slow  # about 60 s (a real server started twice): CI runs it with the guarantees
 @pytest.mark.guarantee
 def test_a_run_stopped_by_the_outage_limit_mid_training_resumes_with_one_value_per_step(
@@ -307,15 +355,23 @@ def test_an_outage_mid_run_loses_no_metric_and_a_long_one_stops_with_the_checkpo
     patient, patient_log = _train(tmp_path, server.url, "patient", "mlflow.max_outage_s=900")
     brief, brief_log = _train(tmp_path, server.url, "brief", *REFERENCE["brief"])
     try:
+        # Each is frozen (SIGSTOP) as soon as its first epoch's checkpoint is written, the server is
+        # stopped once both are, then both go on: however busy the machine, each still has epochs to
+        # send while the server is gone. (Waiting for their metrics on the server instead let "brief",
+        # whose epochs take well under a second, finish before the stop on a loaded CI machine.)
+        frozen: set[str] = set()
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:  # the first epoch of each reached the server
-            try:
-                if all(_steps(client, n)[1] for n in ("patient", "brief")):
-                    break
-            except Exception:  # noqa: BLE001 - runs not created yet
-                pass
-            time.sleep(0.5)
+        while len(frozen) < 2 and time.monotonic() < deadline:
+            for name, proc in (("patient", patient), ("brief", brief)):
+                saved = tmp_path / f"cache-{name}" / "checkpoints"
+                if name not in frozen and list(saved.glob("*/checkpoint.pt")):
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    frozen.add(name)
+            time.sleep(0.01)
+        assert len(frozen) == 2, "no first checkpoint within 600 s"
         server.stop()
+        for proc in (patient, brief):
+            os.kill(proc.pid, signal.SIGCONT)
         # "brief" gives up after 5 s without the server: one line, exit 2, its checkpoint kept.
         assert brief.wait(timeout=600) == 2
         last = brief_log.read_text().strip().splitlines()[-1]

@@ -61,6 +61,27 @@ def configure(cfg: MlflowConfig) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(cfg.request_timeout_s))))
 
 
+def reach_database(uri: str, timeout_s: float) -> None:
+    """A database store (``postgresql+psycopg://``, ``mysql://``, ...): one connection attempt first.
+
+    MLflow's own engine retries a refused connection for about 100 s (ten back-offs, no setting);
+    a server that is down is then one line in seconds, like an unreachable ``http://`` server.
+    """
+    scheme = uri.split(":", 1)[0].split("+", 1)[0]
+    if scheme not in ("postgresql", "mysql", "mssql"):
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    args = {"connect_timeout": max(1, round(timeout_s))} if scheme in ("postgresql", "mysql") else {}
+    engine = sqlalchemy.create_engine(uri, connect_args=args, poolclass=NullPool)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+
+
 def transient(exc: BaseException) -> bool:
     """No connection, a timeout or a server error: worth retrying. A 4xx is a bug: raise it."""
     if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout | ConnectionError):

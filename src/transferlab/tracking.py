@@ -98,7 +98,7 @@ def setup_experiment(cfg: MlflowConfig) -> str:
         db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(cfg.tracking_uri)
     try:
-        _reach_database(cfg.tracking_uri, cfg.request_timeout_s)
+        resilient.reach_database(cfg.tracking_uri, cfg.request_timeout_s)
         experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
     except Exception as exc:  # an unreachable server or a broken store: fail before any compute
         raise ConfigError(
@@ -127,27 +127,6 @@ def setup_experiment(cfg: MlflowConfig) -> str:
         experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
         assert experiment is not None
         return experiment.experiment_id
-
-
-def _reach_database(uri: str, timeout_s: float) -> None:
-    """A database store (``postgresql+psycopg://``, ``mysql://``, ...): one connection attempt first.
-
-    MLflow's own engine retries a refused connection for about 100 s (ten back-offs, no setting);
-    a server that is down is then one line in seconds, like an unreachable ``http://`` server.
-    """
-    scheme = uri.split(":", 1)[0].split("+", 1)[0]
-    if scheme not in ("postgresql", "mysql", "mssql"):
-        return
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    args = {"connect_timeout": max(1, round(timeout_s))} if scheme in ("postgresql", "mysql") else {}
-    engine = sqlalchemy.create_engine(uri, connect_args=args, poolclass=NullPool)
-    try:
-        with engine.connect():
-            pass
-    finally:
-        engine.dispose()
 
 
 @contextmanager
@@ -190,7 +169,17 @@ def mlflow_run(
         _end_quietly(RunStatus.FAILED, f"{type(exc).__name__}: {exc}"[:5000], exc)
         raise
     else:
-        resilient.retry(lambda: mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED)), "end the run")
+        resilient.retry(lambda: _end(run.info.run_id), "end the run")
+
+
+def _end(run_id: str) -> None:
+    """FINISHED. MLflow's end_run forgets the run before it calls the server; when that call failed,
+    a retry of end_run would end nothing (the run left RUNNING), so the retry ends it by id."""
+    if (active := mlflow.active_run()) is not None and active.info.run_id == run_id:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    else:
+        mlflow.MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        _stop_sampler(run_id)
 
 
 def _check_resumable(run_id: str) -> None:
@@ -216,6 +205,8 @@ def _check_resumable(run_id: str) -> None:
 
 def _end_quietly(status: int, error: str, exc: BaseException | None) -> None:
     """Record why the run ended; if the server is gone too, say so and let the real error surface."""
+    active = mlflow.active_run()
+    run_id = active.info.run_id if active is not None else None
     try:
         mlflow.set_tag("error", error)
         if exc is not None:
@@ -229,6 +220,17 @@ def _end_quietly(status: int, error: str, exc: BaseException | None) -> None:
         )
         with contextlib.suppress(Exception):  # pops the run locally before it calls the server
             mlflow.end_run()
+        _stop_sampler(run_id)
+
+
+def _stop_sampler(run_id: str | None) -> None:
+    """The run's system-metrics sampler, which MLflow's end_run stops only after its server call
+    succeeded: left running, it would log into the run once the server is back, beside a resumed
+    run's sampler (two values at one step). finish() stops it and drops what it could not send."""
+    from mlflow.tracking.fluent import run_id_to_system_metrics_monitor as samplers
+
+    if (sampler := samplers.pop(run_id, None)) is not None:
+        sampler.finish()
 
 
 @rank_zero_only

@@ -253,6 +253,49 @@ def test_the_registry_alias_moves_and_older_versions_stay(trained: Trained, caps
     assert _read_csv(capsys.readouterr().out) == by_alias
 
 
+def test_register_refuses_runs_trained_on_different_data_unless_one_setting_is_named(
+    trained: Trained, capsys
+) -> None:
+    """Validation accuracies at different data (here 4 training images per class vs all) are no single
+    ranking: --register refuses before the report is written or anything registered, and registers
+    the best of the setting --setting names."""
+    few = trained.run("predict_settings", "data.train_per_class=4")
+    full = trained.run("predict_settings")
+    capsys.readouterr()  # the training runs' own output
+    args = ["--experiment", "predict_settings", "--tracking-uri", trained.uri, "--register", "by-data"]
+    assert report.main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # refused before the report
+    assert err.strip().splitlines()[-1] == (
+        "error: --register: the reported runs were trained on different data (data.train_per_class: 4, "
+        "null), whose validation accuracies are no single ranking. Fix: add --setting "
+        "data.train_per_class=4 (repeatable) to register the best of one data setting"
+    )
+    client = MlflowClient(trained.uri)
+    assert client.search_registered_models(filter_string="name='by-data'") == []
+    names = {
+        r.info.run_name
+        for r in client.search_runs([client.get_experiment_by_name("predict_settings").experiment_id])
+    }
+    assert "report" not in names  # nothing logged either
+    assert report.main([*args, "--no-log", "--setting", "data.train_per_class=7"]) == 2
+    assert "--setting data.train_per_class=7: no reported run has it (data.train_per_class is 4, null)" in (
+        capsys.readouterr().err
+    )
+    alone = ["--experiment", "predict_settings", "--tracking-uri", trained.uri, "--no-log"]
+    assert report.main([*alone, "--setting", "data.train_per_class=4"]) == 2
+    assert "error: --setting: only with --register" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        report.main([*args, "--setting", "data.train_per_class"])
+    assert exit_.value.code == 2 and "is not KEY=VALUE" in capsys.readouterr().err
+    for setting, run in (("4", few), ("null", full)):
+        assert report.main([*args, "--no-log", "--setting", f"data.train_per_class={setting}"]) == 0
+        assert "models:/by-data/" in capsys.readouterr().out
+        champion = client.get_model_version_by_alias("by-data", "champion")
+        assert champion.run_id == run
+        assert champion.tags["selected_by"].endswith(f", data.train_per_class={setting}")
+
+
 def _forge(trained: Trained, code: Path, extra: dict[str, Path]) -> str:
     """A FINISHED run whose pyfunc model folder holds a foreign code file or an extra file."""
     folder = trained.root / "forge"

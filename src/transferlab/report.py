@@ -228,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="register the best-on-validation run's model as a new version of NAME, alias champion",
     )
+    parser.add_argument(
+        "--setting",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --register: choose among the runs whose param KEY is VALUE (one data setting); repeatable",
+    )
     args = parser.parse_args(argv)
 
     uri = args.tracking_uri or default_tracking_uri()
@@ -256,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ReportError("--tune: only with --select. Fix: add e.g. --select best_val_accuracy")
         tune = [k.strip() for k in args.tune.split(",") if k.strip()] if args.tune else []
         analysis, reported = prepare(selection, args.select, tune)
+        if args.setting and not args.register:
+            raise ReportError("--setting: only with --register. Fix: add --register NAME, or drop --setting")
+        candidates = register_candidates(selection, reported, args.setting) if args.register else []
         text = write_report(client, selection.title, analysis, out, args.reference)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -266,23 +277,73 @@ def main(argv: list[str] | None = None) -> int:
         run_id = publish(client, selection, out)
         print(f"logged under report/ of MLflow run {run_id}")
     if args.register:
-        return register_best(client, selection, args.register, reported, args.select)
+        return register_best(client, selection, args.register, candidates, args.select, args.setting)
     return 0
 
 
+def _setting(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE, e.g. data.cell_type=mono")
+    return key.strip(), value.strip()
+
+
+def register_candidates(selection: Selection, reported: list[str], settings: list[tuple[str, str]]) -> list:
+    """The runs ``--register`` chooses among: those the report shows, at one data setting.
+
+    Validation accuracies at different data (mono cells vs all, 10 images per class vs all) are no
+    single ranking (the same rule as the report's reference row), so runs that differ in a ``data.*``
+    param other than a replicate are refused before anything is written, unless ``--setting`` picks one.
+    """
+    from transferlab.report_axes import REPLICATES
+    from transferlab.schemas.identity import LATER_DEFAULTS
+
+    def param(run, key: str) -> str:  # a key added later is absent from older runs: its default
+        default = LATER_DEFAULTS.get(key, "(unset)")
+        return run.data.params.get(key, "null" if default is None else str(default))  # as log_params
+
+    runs = [r for r in dedupe(selection.runs)[0] if r.info.run_id in set(reported)]
+    for key, value in settings:
+        kept = [r for r in runs if param(r, key) == value]
+        if not kept:
+            seen = ", ".join(sorted({param(r, key) for r in runs}))
+            raise ReportError(
+                f"--setting {key}={value}: no reported run has it ({key} is {seen}). Fix: use one of those"
+            )
+        runs = kept
+    keys = sorted({k for r in runs for k in r.data.params if k.startswith("data.") and k not in REPLICATES})
+    differ = {k: sorted({param(r, k) for r in runs}) for k in keys}
+    differ = {k: v for k, v in differ.items() if len(v) > 1}
+    if differ:
+        shown = "; ".join(f"{k}: {', '.join(v)}" for k, v in differ.items())
+        key, values = next(iter(differ.items()))
+        raise ReportError(
+            f"--register: the reported runs were trained on different data ({shown}), whose validation "
+            f"accuracies are no single ranking. Fix: add --setting {key}={values[0]} (repeatable) to "
+            "register the best of one data setting"
+        )
+    return runs
+
+
 def register_best(
-    client: MlflowClient, selection: Selection, name: str, reported: list[str], select: str | None
+    client: MlflowClient,
+    selection: Selection,
+    name: str,
+    finished: list,
+    select: str | None,
+    settings: Sequence[tuple[str, str]] = (),
 ) -> int:
     """``--register NAME``: of the runs the report shows (with ``--select``, the configurations chosen
-    on validation), the best on validation, as the new champion version of NAME."""
+    on validation) at one data setting (:func:`register_candidates`), the best on validation, as the
+    new champion version of NAME."""
     from transferlab import model_store
     from transferlab.schemas import ConfigError
 
-    finished = [r for r in dedupe(selection.runs)[0] if r.info.run_id in set(reported)]
     best = model_store.best_run(finished)
     monitor = best.data.params.get("trainer.monitor", "accuracy")
     scope = f"the configurations chosen by --select {select}" if select else "finished run(s)"
     why = f"best best_val_{monitor} of {len(finished)} {scope} of {selection.title}"
+    why += "".join(f", {k}={v}" for k, v in settings)
     try:
         version = model_store.register(client, best, name, why)
     except ConfigError as exc:

@@ -159,6 +159,22 @@ def test_report_select_keeps_each_arms_best_lr_on_validation(
     paired = pd.read_csv(out / "paired.csv")
     assert {"test_accuracy_p", "test_accuracy_p_holm", "test_accuracy_diff_ci95_low"} <= set(paired.columns)
     assert paired["n_pairs"].tolist() == [2]  # paired fold by fold (both at seed 0)
+    chosen = {r["mode"]: r["optimizer.lr"] for _, r in selection.iterrows()}
+
+    def by_fold(mode: str) -> pd.Series:
+        arm = jobs[(jobs["params.mode.name"] == mode) & (jobs["params.optimizer.lr"] == chosen[mode])]
+        return arm.set_index("params.data.fold")["metrics.test_accuracy"].sort_index()
+
+    diff = (by_fold("full_finetune") - by_fold("feature_extract")).tolist()  # from the runs themselves
+    (row,) = [r for _, r in paired.iterrows()]
+    assert (row["test_accuracy_diff_ci95_low"], row["test_accuracy_diff_ci95_high"]) == pytest.approx(
+        ci95(diff), nan_ok=True
+    )
+    assert row["test_accuracy_p_holm"] == pytest.approx(row["test_accuracy_p"], nan_ok=True)  # 1 comparison
+    for _, r in selection.iterrows():  # the summary table shows each mean's CI, in points
+        low, high = r["test_accuracy_ci95_low"] * 100, r["test_accuracy_ci95_high"] * 100
+        assert f"| [{low:.2f}, {high:.2f}] |" in text
+    assert "## Each mode − feature_extract, paired by replicate (seed, data.fold)" in text
     assert "data.fold" not in summary.columns  # a replicate, averaged over, never a row
     assert "best group here (on validation)" in text
 
@@ -209,6 +225,46 @@ def test_the_reference_row_is_the_best_group_on_validation() -> None:
     )
     table = compare(datasets, ["data", "mode"], [Reference("paper", 0.5)])
     assert table["setting"].tolist() == ["elpv", "folder"]  # a group axis shows its choice
+
+
+def test_a_tuned_value_that_never_finished_is_refused_not_silently_dropped(
+    tuned_sweep: Path, tmp_path: Path, capsys
+) -> None:
+    """A tuned configuration whose every run FAILED (here: one more lr of full_finetune, logged as a
+    sweep job logs it, then failed) would leave its arm choosing among fewer values than were tried."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    shutil.copy(tuned_sweep / "mlflow.db", tmp_path / "mlflow.db")  # the module's sweep stays as it was
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tuned")
+    (job,) = [
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if r.data.params.get("mode.name") == "full_finetune"
+        and r.data.params.get("optimizer.lr") == "0.01"
+        and r.data.params.get("data.fold") == "0"
+    ]
+    tags = {
+        k: v for k, v in job.data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.parentRunId"
+    }
+    failed = client.create_run(
+        experiment.experiment_id, tags={**tags, "config_hash": "another", "choice.mode": "full_finetune"}
+    )
+    for key, value in {**job.data.params, "optimizer.lr": "0.1"}.items():
+        client.log_param(failed.info.run_id, key, value)
+    client.set_terminated(failed.info.run_id, "FAILED")
+    out = tmp_path / "r"
+    args = ["--experiment", "tuned", "--tracking-uri", uri, "--no-log", "--out", str(out)]
+    assert report.main([*args, "--select", "best_val_accuracy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 tuned configuration(s) have no FINISHED run (" in err, err
+    assert "optimizer.lr=0.1)" in err and "mode=full_finetune" in err
+    assert not out.exists()
+    assert report.main(args) == 0  # without --select the failure is listed, as before
+    assert "FAILED" in capsys.readouterr().out
 
 
 def test_select_error_is_a_report_error() -> None:

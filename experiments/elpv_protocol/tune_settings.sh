@@ -31,7 +31,7 @@ train "${shift[@]}" mode=lp_ft optimizer.lr=$LPFT
 train data.train_per_class=10 trainer.epochs=50 mode=feature_extract optimizer.lr=3e-2,1e-1
 train data.train_per_class=30 trainer.epochs=30 mode=feature_extract optimizer.lr=3e-2,1e-1
 train "${shift[@]}" mode=feature_extract optimizer.lr=3e-2 trainer.epochs=30
-# Asked for by the rule, not yet run (the fine-tuning extensions, a few minutes each):
+# Asked for by the rule on the fine-tuning arms (a few minutes each), run 2026-12-02 14:04-14:27 UTC:
 train data.train_per_class=10 trainer.epochs=50 mode=full_finetune optimizer.lr=3e-3
 train data.train_per_class=30 trainer.epochs=30 mode=lp_ft mode.probe_epochs=30 optimizer.lr=1e-3
 train data.train_per_class=100 trainer.epochs=15 mode=full_finetune optimizer.lr=3e-3

@@ -27,6 +27,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow import MlflowClient
@@ -70,6 +71,9 @@ from transferlab.report_stats import (
 )
 from transferlab.schemas import default_tracking_uri, repo_root
 from transferlab.sweep import ROLE
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # What ``from transferlab import report`` offered before the split into report_stats and report_render.
 __all__ = [
@@ -146,6 +150,7 @@ def prepare(
     tuned = list(tune) or list(selection.tuned)
     check_selection(df, select, tuned, axes)
     arms = [a for a in axes if a not in (*REPLICATES, *tuned)]
+    _check_candidates(df, failed_df, [*arms, *tuned])
     chosen_runs, choices = select_configs(df, arms, tuned, select)
     analysis = analyse(
         chosen_runs, failed_df, [a for a in axes if a not in tuned], [e for e in extra if e not in tuned]
@@ -154,6 +159,23 @@ def prepare(
     analysis.selection = with_test_cis(choices, chosen_runs, arms, [*PAIRED, *shifted])
     analysis.tuned = tuned
     return analysis, chosen_runs["run_id"].tolist()
+
+
+def _check_candidates(df: pd.DataFrame, failed: pd.DataFrame, keys: list[str]) -> None:
+    """A tuned configuration none of whose runs FINISHED would leave its arm choosing among fewer
+    values than the sweep tried (an arm whose runs all failed would vanish): one line, nothing written."""
+    if not len(failed):
+        return
+    done = set(df[keys].astype(str).itertuples(index=False, name=None))
+    lost = [c for c in failed[keys].astype(str).itertuples(index=False, name=None) if c not in done]
+    if lost:
+        shown = ", ".join(f"{k}={v}" for k, v in zip(keys, lost[0], strict=True))
+        raise ReportError(
+            f"--select: {len(set(lost))} tuned configuration(s) have no FINISHED run ({shown}"
+            f"{' and more' if len(set(lost)) > 1 else ''}), so their arm would choose among fewer values "
+            "than were tried. Fix: re-launch the sweep (it reruns only what did not finish), or delete "
+            "the failed run(s) in MLflow to choose among the others"
+        )
 
 
 def build(

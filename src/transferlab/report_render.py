@@ -65,6 +65,12 @@ def display_tables(stats: pd.DataFrame, groups: list[str], pm: str) -> pd.DataFr
             _cell(m, s, metric, pm)
             for m, s in zip(stats[f"{metric}_mean"], stats[f"{metric}_std"], strict=True)
         ]
+        if metric == "test_accuracy" and f"{metric}_ci95_low" in stats:  # the headline's CI; all: summary.csv
+            scale = METRICS[metric][1]
+            table["95 % CI (test acc)"] = [
+                "–" if math.isnan(lo) else f"[{lo * scale:.2f}, {hi * scale:.2f}]"
+                for lo, hi in zip(stats[f"{metric}_ci95_low"], stats[f"{metric}_ci95_high"], strict=True)
+            ]
     return table
 
 
@@ -344,7 +350,8 @@ def write_report(
     replicates = ", ".join(["seed", *(r for r in REPLICATES[1:] if r in df.columns)])
     parts = [
         f"# {title}",
-        f"{grouped}; replicates: {replicates}; mean ± std (sample std over replicates) and n.",
+        f"{grouped}; replicates: {replicates}; mean ± std (sample std over replicates) and n; the "
+        "t-based 95 % CI of the mean test accuracy (of every mean: `summary.csv`).",
         markdown(table),
         COSTS,
     ]
@@ -370,7 +377,7 @@ def write_report(
         shown, note = _split_unpaired(diffs, groups, f"No {BASE} run (with a seed in common) to pair with")
         note = "".join(f" {n}" for n in pair_notes) + note
         header = f"mode − {BASE}"
-        parts += [f"## Each mode − {BASE}, paired by replicate", how + note]
+        parts += [f"## Each mode − {BASE}, paired by replicate ({replicates})", how + note]
         if len(shown):
             parts.append(markdown(display_diffs(shown, groups, "mode", header, "±")))
             caption = f"Each mode minus {BASE}, paired by replicate (ttest_rel).{note}"
@@ -380,7 +387,7 @@ def write_report(
         shown, note = _split_unpaired(gains, groups, "No pretrained twin (with a seed in common) for")
         header = f"{WEIGHTS} − {RANDOM_INIT}"
         parts += [
-            f"## Pretrained − random init ({WEIGHTS}={RANDOM_INIT}), paired by replicate",
+            f"## Pretrained − random init ({WEIGHTS}={RANDOM_INIT}), paired by replicate ({replicates})",
             how + " The same config but for the weights: what pretraining is worth." + note,
         ]
         if len(shown):

@@ -44,6 +44,9 @@ def _no_runs(tmp_path: Path) -> bool:
         (["trainer.monitor=auc"], "trainer.monitor: unknown metric"),
         (["trainer.device=tpu"], "trainer.device: unknown device"),
         (["mlflow.max_outage_s=0"], "mlflow.max_outage_s: must be > 0"),
+        (["sweep.replicates=[data.fold]"], "sweep.replicates: ['data.fold'] leaves out seed"),
+        (["data.folds=3", "data.fold=3"], "data.fold: must be in 0..2 (data.folds=3), got 3"),
+        (["sweep.tune=[seed]"], "sweep.replicates: seed is also in sweep.tune"),
         (["resume=false", "resume_run=abc"], "resume_run: is set but resume=false"),
         (["+trainer.epoch=3"], "trainer.epoch: is not a known key. Fix: did you mean trainer.epochs?"),
         (["backbone.name=no_such_net"], "backbone.name: timm has no model 'no_such_net'"),
@@ -114,6 +117,12 @@ def test_a_device_this_machine_lacks_is_one_line_before_any_run(
         (["-m", "seed=0,1", "optimizer.lr=1e-3,-1"], "optimizer.lr: must be > 0, got -1.0"),
         (["-m", "trainer.epochs=2,three"], "trainer.epochs: Value 'three'"),
         (["-m", "mode=feature_extract,half"], "mode=half: no such option"),
+        # A misspelt tuned or replicate key would be silently ignored: refused before the parent run.
+        (
+            ["-m", "seed=0,1", "sweep.replicates=[seed,data.split_sed]"],
+            "sweep.replicates: 'data.split_sed' is not",
+        ),
+        (["-m", "seed=0,1", "sweep.tune=[optimizer.lrr]"], "sweep.tune: 'optimizer.lrr' is not a config key"),
     ],
 )
 def test_hydra_composition_errors_are_one_line_exit_2_and_no_run(

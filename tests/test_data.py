@@ -175,6 +175,30 @@ def test_folds_partition_the_data_stratified_and_reproducibly() -> None:
     assert not np.array_equal(other.test, tests[2])
 
 
+def test_folds_pool_a_sources_own_splits(tmp_path: Path) -> None:
+    """A source that comes split (an image folder with train/ val/ test/, like torchvision's and the
+    Hub's datasets): data.folds rotates the test fold over all of its images, its own splits pooled."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2), ("test", 4)):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+                    tmp_path / split / name / f"{i}.png"
+                )
+    raw = load_raw(ImageFolderDataConfig(root=str(tmp_path)), "")
+    assert raw.given_splits is not None and len(raw.labels) == 24
+    tests = []
+    for fold in range(3):
+        splits = make_splits(raw, ImageFolderDataConfig(root=str(tmp_path), folds=3, fold=fold))
+        parts = [set(splits.train), set(splits.val), set(splits.test)]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert len(parts[0] | parts[1] | parts[2]) == 24  # every image, whichever folder it came from
+        assert np.bincount(raw.labels[splits.test]).tolist() == [4, 4]  # stratified
+        tests.append(splits.test)
+    assert sorted(np.concatenate(tests)) == list(range(24))  # the test folds partition the pool
+
+
 def test_train_per_class_subsets_are_nested_and_leave_val_and_test_alone() -> None:
     raw = load_raw(SyntheticDataConfig(num_classes=2, images_per_class=30), "")
     full = make_splits(raw, SyntheticDataConfig(num_classes=2, images_per_class=30))

@@ -267,6 +267,28 @@ def test_a_tuned_value_that_never_finished_is_refused_not_silently_dropped(
     assert "FAILED" in capsys.readouterr().out
 
 
+def test_a_declared_replicate_is_averaged_over_and_paired_by(tmp_path: Path, capsys) -> None:
+    """sweep.replicates names the keys whose runs repeat one configuration (here, for the test, the
+    weight decay, which by default would be an arm): the report averages over it and pairs by it."""
+    code = launch(
+        "-m", *TINY, *store_overrides(tmp_path), "mlflow.experiment_name=reps", "trainer.epochs=1",
+        "mode=feature_extract,full_finetune", "optimizer.weight_decay=0,0.01",
+        "sweep.replicates=[seed,optimizer.weight_decay]",
+    )  # fmt: skip
+    assert code == 0
+    capsys.readouterr()
+    out = tmp_path / "r"
+    args = ["--experiment", "reps", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-log"]
+    assert report.main([*args, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(summary["mode"]) == ["feature_extract", "full_finetune"] and set(summary["n"]) == {2}
+    assert "optimizer.weight_decay" not in summary.columns
+    assert pd.read_csv(out / "paired.csv")["n_pairs"].tolist() == [2]  # paired decay by decay
+    assert "replicates: seed, optimizer.weight_decay;" in text
+    assert "paired by replicate (seed, optimizer.weight_decay)" in text
+
+
 def test_select_error_is_a_report_error() -> None:
     with pytest.raises(ReportError, match="arm mode=x has no replicate at which every tuned configuration"):
         select(

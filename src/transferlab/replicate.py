@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from transferlab.report import _check_store, default_tracking_uri, prepare
-from transferlab.report_stats import REPLICATES, ReportError, select_experiment
+from transferlab.report_stats import ReportError, select_experiment
 from transferlab.tracking import OVERRIDES_TAG
 
 # Overrides of a logged job that say where it ran or which replicate it was, not what the arm is.
@@ -82,6 +82,11 @@ def commands(
     selection = select_experiment(client, experiment)
     if not selection.runs:
         raise ReportError(f"experiment {experiment!r} has no sweep jobs. Fix: run the tuning sweep first")
+    if not any(_key(o) in selection.replicates for o in extra):
+        raise ReportError(
+            f"no replicate among the overrides {list(extra)}. Fix: name the new replicates, "
+            f"e.g. seed=1,2 (replicates: {', '.join(selection.replicates)})"
+        )
     analysis, _ = prepare(selection, select, tune)
     assert analysis.selection is not None
     arms = list(analysis.groups)
@@ -97,7 +102,7 @@ def commands(
         named = {_key(o) for o in extra}
         kept = [
             f"{rep}={','.join(sorted({str(v) for v in chosen.loc[mask, rep]}))}"
-            for rep in REPLICATES
+            for rep in selection.replicates
             if rep not in named and rep in chosen.columns
         ]
         out.append(
@@ -133,11 +138,6 @@ def main(argv: list[str] | None = None, launch: Callable[[list[str]], int] | Non
     uri = args.tracking_uri or default_tracking_uri()
     try:
         _check_store(uri)
-        if not any(_key(o) in REPLICATES for o in args.overrides):
-            raise ReportError(
-                f"no replicate among the overrides {args.overrides}. Fix: name the new replicates, "
-                f"e.g. seed=1,2 (replicates: {', '.join(REPLICATES)})"
-            )
         tune = [k.strip() for k in args.tune.split(",") if k.strip()] if args.tune else []
         planned = commands(MlflowClient(uri), args.experiment, args.select, tune, args.overrides)
     except ReportError as exc:

@@ -52,7 +52,6 @@ from transferlab.report_stats import (
     METRICS,
     PAIRED,
     RANDOM_INIT,
-    REPLICATES,
     SHIFTED,
     WEIGHTS,
     Analysis,
@@ -134,9 +133,10 @@ def prepare(
     ``sweep.tune``) with its best mean over replicates are reported (:mod:`transferlab.report_select`).
     """
     finished, failed = dedupe(selection.runs)
-    extra = hidden_axes(finished, selection.axes)
+    replicates = selection.replicates
+    extra = hidden_axes(finished, selection.axes, replicates)
     axes = [*selection.axes, *extra]
-    failed_df = runs_frame(failed, axes)
+    failed_df = runs_frame(failed, axes, replicates=replicates)
     if not finished:
         raise ReportError(
             f"{selection.title}: none of its {len(selection.runs)} run(s) FINISHED, nothing to average."
@@ -144,16 +144,20 @@ def prepare(
             "(it reruns only what did not finish)",
             code=1,
         )
-    df = runs_frame(finished, axes, [select] if select else [])
+    df = runs_frame(finished, axes, [select] if select else [], replicates)
     if select is None:
-        return analyse(df, failed_df, axes, extra), df["run_id"].tolist()
+        return analyse(df, failed_df, axes, extra, replicates), df["run_id"].tolist()
     tuned = list(tune) or list(selection.tuned)
     check_selection(df, select, tuned, axes)
-    arms = [a for a in axes if a not in (*REPLICATES, *tuned)]
+    arms = [a for a in axes if a not in (*replicates, *tuned)]
     _check_candidates(df, failed_df, [*arms, *tuned])
     chosen_runs, choices = select_configs(df, arms, tuned, select)
     analysis = analyse(
-        chosen_runs, failed_df, [a for a in axes if a not in tuned], [e for e in extra if e not in tuned]
+        chosen_runs,
+        failed_df,
+        [a for a in axes if a not in tuned],
+        [e for e in extra if e not in tuned],
+        replicates,
     )
     shifted = [m for m in SHIFTED if m in chosen_runs and chosen_runs[m].notna().any()]  # data.shift_*
     analysis.selection = with_test_cis(choices, chosen_runs, arms, [*PAIRED, *shifted])
@@ -317,7 +321,6 @@ def register_candidates(selection: Selection, reported: list[str], settings: lis
     single ranking (the same rule as the report's reference row), so runs that differ in a ``data.*``
     param other than a replicate are refused before anything is written, unless ``--setting`` picks one.
     """
-    from transferlab.report_axes import REPLICATES
     from transferlab.schemas.identity import LATER_DEFAULTS
 
     def param(run, key: str) -> str:  # a key added later is absent from older runs: its default
@@ -333,7 +336,9 @@ def register_candidates(selection: Selection, reported: list[str], settings: lis
                 f"--setting {key}={value}: no reported run has it ({key} is {seen}). Fix: use one of those"
             )
         runs = kept
-    keys = sorted({k for r in runs for k in r.data.params if k.startswith("data.") and k not in REPLICATES})
+    keys = sorted(
+        {k for r in runs for k in r.data.params if k.startswith("data.") and k not in selection.replicates}
+    )
     differ = {k: sorted({param(r, k) for r in runs}) for k in keys}
     differ = {k: v for k, v in differ.items() if len(v) > 1}
     if differ:

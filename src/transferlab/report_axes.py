@@ -15,10 +15,11 @@ import pandas as pd
 from mlflow.entities import Run
 
 from transferlab.schemas import NOT_SEMANTIC
+from transferlab.schemas.sweep import REPLICATES
 from transferlab.sweep import NAME_ORDER
 
-# Replicates: runs that differ only in these are averaged (and paired by them), never compared.
-REPLICATES = ("seed", "data.split_seed", "data.fold")
+# Replicates: runs that differ only in these are averaged (and paired by them), never compared; a
+# sweep may declare others (sweep.replicates, read back as Selection.replicates).
 BASE = "feature_extract"  # every other mode is reported as its difference to this one
 WEIGHTS, RANDOM_INIT = "backbone.weights", "null"  # the random-init control is paired against pretrained
 # What the arms are compared at, never part of an arm's recipe: the data, the backbone, the device.
@@ -34,27 +35,27 @@ def axis_value(run: Run, axis: str) -> str:
     return tags.get(f"choice.{axis}", "?")
 
 
-def _semantic_params(run: Run) -> dict[str, str]:
+def _semantic_params(run: Run, replicates: Sequence[str] = REPLICATES) -> dict[str, str]:
     """The params that decide what a run computes: not where it is logged, not the derived stage.*."""
     return {
         k: v
         for k, v in run.data.params.items()
-        if k not in REPLICATES
+        if k not in replicates
         and not k.startswith("stage.")
         and not any(k == n or k.startswith(f"{n}.") for n in NOT_SEMANTIC)
     }
 
 
-def hidden_axes(runs: list[Run], axes: list[str]) -> list[str]:
+def hidden_axes(runs: list[Run], axes: list[str], replicates: Sequence[str] = REPLICATES) -> list[str]:
     """Params that differ between runs of one group: never averaged together, so they become axes.
 
     An experiment that collects several sweeps (a relaunch with ``trainer.epochs=6``, a sweep with
     another lr) would otherwise average two protocols into one mean ± std.
     """
-    every = [_semantic_params(run) for run in runs]
+    every = [_semantic_params(run, replicates) for run in runs]
     groups: dict[tuple[str, ...], list[dict[str, str]]] = {}
     for run, params in zip(runs, every, strict=True):
-        key = tuple(axis_value(run, a) for a in axes if a not in REPLICATES)
+        key = tuple(axis_value(run, a) for a in axes if a not in replicates)
         groups.setdefault(key, []).append(params)
     varying: list[str] = []
     for params in groups.values():

@@ -24,7 +24,6 @@ from transferlab.report_stats import (
     METRICS,
     PAIRED,
     RANDOM_INIT,
-    REPLICATES,
     SHIFTED,
     WEIGHTS,
     Analysis,
@@ -346,8 +345,8 @@ def write_report(
             f"; {', '.join(analysis.recipe)}: each mode's own recipe at each setting, shown, never "
             "paired on (the modes are compared at equal settings, each with its recipe)"
         )
-    # The replicates averaged over (and paired by): the seed, and the split seed and fold where swept.
-    replicates = ", ".join(["seed", *(r for r in REPLICATES[1:] if r in df.columns)])
+    # The replicates averaged over (and paired by): the seed, and the others where swept.
+    replicates = ", ".join(["seed", *(r for r in analysis.replicates if r != "seed" and r in df.columns)])
     parts = [
         f"# {title}",
         f"{grouped}; replicates: {replicates}; mean ± std (sample std over replicates) and n; the "

@@ -2,7 +2,7 @@
 
 ``--select METRIC`` (a logged ``val_*`` or ``best_val_*`` metric): the swept axes split into the
 **tuned** ones (``--tune KEY,...``, or the sweep's ``sweep.tune``), the **replicates** (``seed``,
-``data.split_seed``, ``data.fold``) and
+``data.split_seed``, ``data.fold``, or the sweep's ``sweep.replicates``) and
 the **arms** (everything else: mode, backbone, weights, augment, ...). Per arm, the tuned values whose
 mean METRIC over replicates is best are chosen, and only that configuration's runs are reported. Test
 metrics are never read on the way: :func:`select` sees only the arm, tuned and METRIC columns.

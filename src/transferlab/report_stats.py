@@ -91,6 +91,7 @@ class Selection:
     parent_run_id: str | None = None  # None: a report over a whole experiment
     notes: list[str] = field(default_factory=list)
     tuned: list[str] = field(default_factory=list)  # the sweep's sweep.tune (``--tune`` overrides it)
+    replicates: list[str] = field(default_factory=lambda: list(REPLICATES))  # its sweep.replicates
 
 
 def _role(run: Run) -> str | None:
@@ -132,8 +133,9 @@ def select_parent(client: MlflowClient, run_id: str) -> Selection:
     runs = list(children) + _reused_runs(client, parent)
     name = parent.data.tags.get("sweep.name", parent.info.run_name or run_id)
     return Selection(
-        name, parent.info.experiment_id, _axes_of(parent), runs, parent_run_id=run_id, tuned=_tuned_of(parent)
-    )
+        name, parent.info.experiment_id, _axes_of(parent), runs, parent_run_id=run_id,
+        tuned=_tuned_of(parent), replicates=_replicates_of(parent),
+    )  # fmt: skip
 
 
 def select_experiment(client: MlflowClient, name: str) -> Selection:
@@ -145,11 +147,21 @@ def select_experiment(client: MlflowClient, name: str) -> Selection:
     parents = [r for r in runs if _role(r) == "parent"]
     axes: list[str] = []
     tuned: list[str] = []
+    replicates: list[str] = []  # every sweep's (a key one sweep repeats over is never compared)
     for parent in sorted(parents, key=lambda r: r.info.start_time):
         axes += [a for a in _axes_of(parent) if a not in axes]
         tuned += [a for a in _tuned_of(parent) if a not in tuned]
+        replicates += [a for a in _replicates_of(parent) if a not in replicates]
     jobs = [r for r in runs if _role(r) not in ("parent", "report")]
-    return Selection(name, experiment.experiment_id, axes, jobs, tuned=tuned)
+    return Selection(
+        name, experiment.experiment_id, axes, jobs, tuned=tuned, replicates=replicates or list(REPLICATES)
+    )
+
+
+def _replicates_of(parent: Run) -> list[str]:
+    """The keys the sweep declared as replicates (``sweep.replicates``; sweeps logged before it
+    existed: the default ones)."""
+    return list(json.loads(parent.data.tags.get("sweep.replicates", "null")) or REPLICATES)
 
 
 def _tuned_of(parent: Run) -> list[str]:
@@ -170,17 +182,19 @@ def dedupe(runs: list[Run]) -> tuple[list[Run], list[Run]]:
     return finished, failed
 
 
-def runs_frame(runs: list[Run], axes: list[str], extra: Sequence[str] = ()) -> pd.DataFrame:
+def runs_frame(
+    runs: list[Run], axes: list[str], extra: Sequence[str] = (), replicates: Sequence[str] = REPLICATES
+) -> pd.DataFrame:
     """One row per run: its axes, seed, status and metrics (``extra``: more logged metrics, e.g. the
-    ``--select`` metric)."""
+    ``--select`` metric), and its ``replicate``: the values of the swept ``replicates``."""
     rows = []
     for run in runs:
         row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name}
         row |= {a: axis_value(run, a) for a in axes if a != "seed"}
         row["seed"] = int(run.data.params.get("seed", -1))
-        # What pairs two arms' runs: the same seed, split seed and fold (those that were swept).
+        # What pairs two arms' runs: the same seed, split seed and fold (those of them that were swept).
         row["replicate"] = ",".join(
-            [f"seed={row['seed']}", *(f"{a}={row[a]}" for a in REPLICATES[1:] if a in axes)]
+            [f"seed={row['seed']}", *(f"{a}={row[a]}" for a in replicates if a != "seed" and a in axes)]
         )
         row["status"] = run.info.status
         row |= {m: run.data.metrics.get(m, math.nan) for m in METRICS if m not in DERIVED}
@@ -358,11 +372,18 @@ class Analysis:
     # Hidden axes that each mode's recipe decides at every setting (``recipe_axes``): columns of
     # ``stats`` beside the groups, never a grouping or pairing key.
     recipe: list[str] = field(default_factory=list)
+    replicates: list[str] = field(default_factory=lambda: list(REPLICATES))  # averaged over, paired by
 
 
-def analyse(df: pd.DataFrame, failed: pd.DataFrame, axes: list[str], extra: list[str]) -> Analysis:
+def analyse(
+    df: pd.DataFrame,
+    failed: pd.DataFrame,
+    axes: list[str],
+    extra: list[str],
+    replicates: Sequence[str] = REPLICATES,
+) -> Analysis:
     """The summary and the paired tables of the FINISHED runs ``df`` (``runs_frame``) over ``axes``."""
-    groups = [a for a in axes if a not in REPLICATES]
+    groups = [a for a in axes if a not in replicates]
     recipe = recipe_axes(df, groups, extra)
     groups = [g for g in groups if g not in recipe]
     stats = summary(df, groups)
@@ -373,4 +394,15 @@ def analyse(df: pd.DataFrame, failed: pd.DataFrame, axes: list[str], extra: list
     pairable, pair_notes = broadcast_base(df, hidden) if "mode" in groups else (df, [])
     diffs = paired(pairable, groups)
     gains = pretraining(df, groups)
-    return Analysis(groups, hidden, df, failed, stats, diffs, gains, pair_notes, recipe=recipe)
+    return Analysis(
+        groups,
+        hidden,
+        df,
+        failed,
+        stats,
+        diffs,
+        gains,
+        pair_notes,
+        recipe=recipe,
+        replicates=list(replicates),
+    )

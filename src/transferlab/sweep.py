@@ -43,6 +43,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.schemas import ConfigError, MlflowConfig, TrainConfig, config_hash
+from transferlab.schemas.sweep import REPLICATES
 from transferlab.tracking import setup_experiment, ui_link
 
 log = logging.getLogger("transferlab.sweep")
@@ -294,11 +295,20 @@ def summarize(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+_ABSENT = object()  # OmegaConf.select's answer for a key the config does not have (a null is a key)
+
+
 class MlflowSweepCallback(Callback):
     """Hydra callback: a multirun is one MLflow parent run (see the module docstring)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = str(config.hydra.sweep.dir)  # resolves ${now:} once; jobs get the cached value
+        for role in ("tune", "replicates"):  # a misspelt key would silently be tuned or averaged over
+            keys = OmegaConf.select(config, f"sweep.{role}") or []
+            if unknown := [k for k in keys if OmegaConf.select(config, k, default=_ABSENT) is _ABSENT]:
+                print(f"error: sweep.{role}: {unknown[0]!r} is not a config key. Fix: name a key of "
+                      "`python -m transferlab.train --cfg job`, e.g. optimizer.lr", file=sys.stderr)  # fmt: skip
+                sys.exit(2)
         try:
             mlflow_cfg = _mlflow_config(config)
             experiment_id = setup_experiment(mlflow_cfg)
@@ -319,6 +329,9 @@ class MlflowSweepCallback(Callback):
                 "sweep.overrides": json.dumps(swept),
                 "sweep.axes": json.dumps(axes),
                 "sweep.tune": json.dumps(list(OmegaConf.select(config, "sweep.tune", default=[]) or [])),
+                "sweep.replicates": json.dumps(
+                    list(OmegaConf.select(config, "sweep.replicates", default=None) or REPLICATES)
+                ),
                 "sweep.dir": sweep_dir,
                 "sweep.sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_")),
                 "sweep.launcher": str(OmegaConf.select(config, "hydra.launcher._target_")),

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from transferlab.schemas.errors import ConfigError
 
+# The default replicates: the seed, and the split seed and fold where swept.
+REPLICATES = ("seed", "data.split_seed", "data.fold")
+
 
 @dataclass
 class SweepConfig:
@@ -19,7 +22,22 @@ class SweepConfig:
     # `python -m transferlab.report --select best_val_accuracy` keeps, per arm, their best values on
     # validation. Recorded on the parent run (tag sweep.tune).
     tune: list[str] = field(default_factory=list)
+    # The swept keys whose runs are repeats of one configuration, averaged over and paired by in the
+    # report, never compared (tag sweep.replicates); every other swept key but the tuned ones is an arm.
+    replicates: list[str] = field(default_factory=lambda: list(REPLICATES))
 
     def __post_init__(self) -> None:
         if self.name is not None and not self.name.strip():
             raise ConfigError("sweep.name", "is empty", "name the sweep, or use sweep.name=null")
+        if "seed" not in self.replicates:  # every run has one: what pairs two arms' runs first
+            raise ConfigError(
+                "sweep.replicates",
+                f"{list(self.replicates)} leaves out seed",
+                "keep seed, e.g. sweep.replicates=[seed,data.fold]",
+            )
+        if both := sorted(set(self.replicates) & set(self.tune)):
+            raise ConfigError(
+                "sweep.replicates",
+                f"{both[0]} is also in sweep.tune",
+                "a key is tuned or a replicate, not both",
+            )

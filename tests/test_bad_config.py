@@ -122,7 +122,7 @@ def test_a_device_this_machine_lacks_is_one_line_before_any_run(
             ["-m", "seed=0,1", "sweep.replicates=[seed,data.split_sed]"],
             "sweep.replicates: 'data.split_sed' is not",
         ),
-        (["-m", "seed=0,1", "sweep.tune=[optimizer.lrr]"], "sweep.tune: 'optimizer.lrr' is not a config key"),
+        (["-m", "seed=0,1", "sweep.tune=[optimizer.lrr]"], "sweep.tune: 'optimizer.lrr' is not a key of any"),
     ],
 )
 def test_hydra_composition_errors_are_one_line_exit_2_and_no_run(
@@ -134,3 +134,21 @@ def test_hydra_composition_errors_are_one_line_exit_2_and_no_run(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and line in err[0] and "Fix: " in err[0], err
     assert _no_runs(tmp_path)
+
+
+def test_a_tuned_key_that_only_the_swept_options_have_is_accepted() -> None:
+    """mode.backbone_lr_scale is no key of the default mode (feature_extract), but of every job's."""
+    from transferlab.preflight import check_overrides
+    from transferlab.schemas import register_configs
+    from transferlab.train import CONF_DIR
+
+    register_configs()
+    swept = [
+        "-m",
+        "mode=full_finetune,lp_ft",
+        "mode.backbone_lr_scale=0.1,1",
+        "sweep.tune=[mode.backbone_lr_scale]",
+    ]
+    check_overrides(swept, CONF_DIR, "train")  # returns: no SystemExit
+    with pytest.raises(SystemExit):
+        check_overrides([*swept[:-1], "sweep.tune=[mode.backbone_lr_scal]"], CONF_DIR, "train")

@@ -265,6 +265,15 @@ def test_a_tuned_value_that_never_finished_is_refused_not_silently_dropped(
     assert not out.exists()
     assert report.main(args) == 0  # without --select the failure is listed, as before
     assert "FAILED" in capsys.readouterr().out
+    # A job that failed before its run logged any config (transferlab.sweep._failed_child) names no
+    # configuration: listed, it does not block the choice (its re-launch is a new, FINISHED run).
+    client.delete_run(failed.info.run_id)
+    parent = job.data.tags["mlflow.parentRunId"]
+    early = client.create_run(
+        experiment.experiment_id, tags={"mlflow.parentRunId": parent, "sweep.role": "job", "error": "x"}
+    )
+    client.set_terminated(early.info.run_id, "FAILED")
+    assert report.main([*args, "--select", "best_val_accuracy"]) == 0
 
 
 def test_a_declared_replicate_is_averaged_over_and_paired_by(tmp_path: Path, capsys) -> None:

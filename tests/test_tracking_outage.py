@@ -253,7 +253,7 @@ def test_stage_boundary_logging_waits_out_an_outage(tmp_path: Path) -> None:
 @pytest.mark.guarantee
 @pytest.mark.parametrize("ending", ["failed", "finished"])
 def test_a_run_ending_while_the_server_is_down_is_ended_and_its_system_metrics_stop(
-    tmp_path: Path, ending: str
+    tmp_path: Path, ending: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """MLflow's end_run forgets the run, then calls the server, then stops the run's system-metrics
     sampler. With the server down, a failing run's sampler lived on, logged into the run once the
@@ -265,6 +265,7 @@ def test_a_run_ending_while_the_server_is_down_is_ended_and_its_system_metrics_s
     from transferlab import resilient, tracking
     from transferlab.schemas import MlflowConfig
 
+    monkeypatch.setattr(resilient, "_max_outage_s", resilient._max_outage_s)  # set by configure below
     server = Server(tmp_path)
     server.start()
     restart = threading.Timer(3.0, server.start)  # "finished": back within mlflow.max_outage_s
@@ -363,6 +364,10 @@ def test_an_outage_mid_run_loses_no_metric_and_a_long_one_stops_with_the_checkpo
         deadline = time.monotonic() + 600
         while len(frozen) < 2 and time.monotonic() < deadline:
             for name, proc in (("patient", patient), ("brief", brief)):
+                log = (patient_log, brief_log)[name == "brief"]
+                assert proc.poll() is None, (
+                    f"{name} ended before its first checkpoint: {log.read_text()[-3000:]}"
+                )
                 saved = tmp_path / f"cache-{name}" / "checkpoints"
                 if name not in frozen and list(saved.glob("*/checkpoint.pt")):
                     os.kill(proc.pid, signal.SIGSTOP)

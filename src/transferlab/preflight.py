@@ -89,11 +89,12 @@ class Preflight:
     def compose(self, overrides: Sequence[str], hydra_node: bool = False) -> DictConfig:
         return compose(self.config_name, overrides=list(overrides), return_hydra_config=hydra_node)
 
-    def check(self, overrides: list[str]) -> None:
+    def check(self, overrides: list[str]) -> DictConfig:
         cfg = self.compose(overrides)
         if OmegaConf.is_interpolation(cfg.paths, "output_dir"):  # ${hydra:runtime...}: set at launch
             cfg.paths.output_dir = str(self.conf_dir.parent / "outputs")
         to_typed(cfg)
+        return cfg
 
     def explain(self, exc: Exception, override: str) -> str:
         """One line: the key, what is wrong, and the fix."""
@@ -164,8 +165,24 @@ class Preflight:
                 fixed.append(o.input_line)
             elif (values := _values(o)) is not None:
                 swept[o.get_key_element()] = values
-        for combo in _combinations(fixed, swept):
-            self.check(combo)
+        composed = [self.check(combo) for combo in _combinations(fixed, swept)]
+        if multirun:
+            _check_sweep_keys(composed)
+
+
+def _check_sweep_keys(composed: list[DictConfig]) -> None:
+    """A misspelt sweep.tune or sweep.replicates key would silently be compared instead of tuned or
+    averaged over. A key is known if some job's config has it (mode.backbone_lr_scale, tuned over
+    mode=full_finetune,lp_ft beside a feature_extract arm that has no such key)."""
+    for role, example in (("tune", "optimizer.lr"), ("replicates", "data.split_seed")):
+        keys = {k for cfg in composed for k in OmegaConf.select(cfg, f"sweep.{role}") or []}
+        absent = object()  # select's answer for a key a config lacks (a null value is a key)
+        for key in sorted(keys):
+            if all(OmegaConf.select(cfg, key, default=absent) is absent for cfg in composed):
+                raise ConfigError(
+                    f"sweep.{role}", f"{key!r} is not a key of any job's config",
+                    f"name a key `--cfg job` prints, e.g. sweep.{role}=[{example}]",
+                )  # fmt: skip
 
 
 def check_overrides(argv: list[str], conf_dir: Path, config_name: str) -> None:

@@ -133,7 +133,9 @@ def prepare(
     ``sweep.tune``) with its best mean over replicates are reported (:mod:`transferlab.report_select`).
     """
     finished, failed = dedupe(selection.runs)
-    replicates = selection.replicates
+    tuned = list(tune) or list(selection.tuned)
+    # One sweep's replicate may be another's tuned key (merged over an experiment's sweeps): tuned wins.
+    replicates = [r for r in selection.replicates if r not in tuned] if select else selection.replicates
     extra = hidden_axes(finished, selection.axes, replicates)
     axes = [*selection.axes, *extra]
     failed_df = runs_frame(failed, axes, replicates=replicates)
@@ -147,7 +149,6 @@ def prepare(
     df = runs_frame(finished, axes, [select] if select else [], replicates)
     if select is None:
         return analyse(df, failed_df, axes, extra, replicates), df["run_id"].tolist()
-    tuned = list(tune) or list(selection.tuned)
     check_selection(df, select, tuned, axes)
     arms = [a for a in axes if a not in (*replicates, *tuned)]
     _check_candidates(df, failed_df, [*arms, *tuned])
@@ -171,11 +172,15 @@ def _check_candidates(df: pd.DataFrame, failed: pd.DataFrame, keys: list[str]) -
     if not len(failed):
         return
     done = set(df[keys].astype(str).itertuples(index=False, name=None))
-    lost = [c for c in failed[keys].astype(str).itertuples(index=False, name=None) if c not in done]
+    # A job that failed before its run logged its config (axes "?") names no configuration: listed
+    # among the failures, it cannot block a choice that its own re-launch has since made possible.
+    known = failed[~(failed[keys].astype(str) == "?").any(axis=1)]
+    lost = [c for c in known[keys].astype(str).itertuples(index=False, name=None) if c not in done]
     if lost:
         shown = ", ".join(f"{k}={v}" for k, v in zip(keys, lost[0], strict=True))
         raise ReportError(
-            f"--select: {len(set(lost))} tuned configuration(s) have no FINISHED run ({shown}"
+            f"--select: {len(set(lost))} tuned configuration(s) have no FINISHED run, only FAILED, KILLED or "
+            f"RUNNING ones ({shown}"
             f"{' and more' if len(set(lost)) > 1 else ''}), so their arm would choose among fewer values "
             "than were tried. Fix: re-launch the sweep (it reruns only what did not finish), or delete "
             "the failed run(s) in MLflow to choose among the others"
@@ -307,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# data.* keys that leave the training, validation and test images as they are: how they are read, and
+# the extra shifted test set (data.shift_*), which adds columns, not a different ranking.
+_NOT_TRAINING_DATA = ("data.cache", "data.download", "data.shift_cell_type", "data.shift_root")
+
+
 def _setting(text: str) -> tuple[str, str]:
     key, eq, value = text.partition("=")
     if not eq or not key.strip():
@@ -337,8 +347,9 @@ def register_candidates(selection: Selection, reported: list[str], settings: lis
             )
         runs = kept
     keys = sorted(
-        {k for r in runs for k in r.data.params if k.startswith("data.") and k not in selection.replicates}
-    )
+        k for k in {k for r in runs for k in r.data.params}
+        if k.startswith("data.") and k not in selection.replicates and k not in _NOT_TRAINING_DATA
+    )  # fmt: skip
     differ = {k: sorted({param(r, k) for r in runs}) for k in keys}
     differ = {k: v for k, v in differ.items() if len(v) > 1}
     if differ:

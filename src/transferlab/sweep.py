@@ -295,20 +295,11 @@ def summarize(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-_ABSENT = object()  # OmegaConf.select's answer for a key the config does not have (a null is a key)
-
-
 class MlflowSweepCallback(Callback):
     """Hydra callback: a multirun is one MLflow parent run (see the module docstring)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = str(config.hydra.sweep.dir)  # resolves ${now:} once; jobs get the cached value
-        for role in ("tune", "replicates"):  # a misspelt key would silently be tuned or averaged over
-            keys = OmegaConf.select(config, f"sweep.{role}") or []
-            if unknown := [k for k in keys if OmegaConf.select(config, k, default=_ABSENT) is _ABSENT]:
-                print(f"error: sweep.{role}: {unknown[0]!r} is not a config key. Fix: name a key of "
-                      "`python -m transferlab.train --cfg job`, e.g. optimizer.lr", file=sys.stderr)  # fmt: skip
-                sys.exit(2)
         try:
             mlflow_cfg = _mlflow_config(config)
             experiment_id = setup_experiment(mlflow_cfg)

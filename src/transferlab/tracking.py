@@ -169,7 +169,10 @@ def mlflow_run(
         _end_quietly(RunStatus.FAILED, f"{type(exc).__name__}: {exc}"[:5000], exc)
         raise
     else:
-        resilient.retry(lambda: _end(run.info.run_id), "end the run")
+        try:
+            resilient.retry(lambda: _end(run.info.run_id), "end the run")
+        finally:  # an outage past the limit raises from the retry: the sampler stops all the same
+            _stop_sampler(run.info.run_id)
 
 
 def _end(run_id: str) -> None:
@@ -179,7 +182,6 @@ def _end(run_id: str) -> None:
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
     else:
         mlflow.MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-        _stop_sampler(run_id)
 
 
 def _check_resumable(run_id: str) -> None:
@@ -205,8 +207,7 @@ def _check_resumable(run_id: str) -> None:
 
 def _end_quietly(status: int, error: str, exc: BaseException | None) -> None:
     """Record why the run ended; if the server is gone too, say so and let the real error surface."""
-    active = mlflow.active_run()
-    run_id = active.info.run_id if active is not None else None
+    run_id = active.info.run_id if (active := mlflow.active_run()) is not None else None
     try:
         mlflow.set_tag("error", error)
         if exc is not None:
@@ -219,14 +220,13 @@ def _end_quietly(status: int, error: str, exc: BaseException | None) -> None:
             file=sys.stderr,
         )
         with contextlib.suppress(Exception):  # pops the run locally before it calls the server
-            mlflow.end_run()
+            mlflow.end_run(RunStatus.to_string(status))  # (a server back by now gets the right status)
         _stop_sampler(run_id)
 
 
 def _stop_sampler(run_id: str | None) -> None:
-    """The run's system-metrics sampler, which MLflow's end_run stops only after its server call
-    succeeded: left running, it would log into the run once the server is back, beside a resumed
-    run's sampler (two values at one step). finish() stops it and drops what it could not send."""
+    """The run's system-metrics sampler, which MLflow's end_run stops only after its server call: left
+    running it logs into the run once the server is back, beside a resumed run's (two values a step)."""
     from mlflow.tracking.fluent import run_id_to_system_metrics_monitor as samplers
 
     if (sampler := samplers.pop(run_id, None)) is not None:

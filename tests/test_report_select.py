@@ -260,7 +260,10 @@ def test_a_tuned_value_that_never_finished_is_refused_not_silently_dropped(
     args = ["--experiment", "tuned", "--tracking-uri", uri, "--no-log", "--out", str(out)]
     assert report.main([*args, "--select", "best_val_accuracy"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "1 tuned configuration(s) have no FINISHED run (" in err, err
+    assert (
+        err.count("\n") == 1
+        and "1 tuned configuration(s) have no FINISHED run, only FAILED, KILLED or RUNNING ones (" in err
+    ), err
     assert "optimizer.lr=0.1)" in err and "mode=full_finetune" in err
     assert not out.exists()
     assert report.main(args) == 0  # without --select the failure is listed, as before

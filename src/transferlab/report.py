@@ -337,7 +337,8 @@ def register_candidates(selection: Selection, reported: list[str], settings: lis
         default = LATER_DEFAULTS.get(key, "(unset)")
         return run.data.params.get(key, "null" if default is None else str(default))  # as log_params
 
-    runs = [r for r in dedupe(selection.runs)[0] if r.info.run_id in set(reported)]
+    by_id = {r.info.run_id: r for r in selection.runs}
+    runs = [by_id[run_id] for run_id in reported]  # prepare's FINISHED runs, deduplicated already
     for key, value in settings:
         kept = [r for r in runs if param(r, key) == value]
         if not kept:

@@ -98,6 +98,14 @@ def test_selection_reads_validation_only() -> None:
     )
     assert after["optimizer.lr"].tolist() == choices["optimizer.lr"].tolist()
     assert after.set_index("mode").loc["feature_extract", "n"] == 6 and set(after["selected_on"]) == {3}
+    # The number that chose stays the tuning replicates' mean; the row's mean, like its n and its test
+    # means, is over every run of the chosen configuration (the replicates' zeros included).
+    fe, fe_before = (
+        after.set_index("mode").loc["feature_extract"],
+        choices.set_index("mode").loc["feature_extract"],
+    )
+    assert fe["best_val_accuracy_selection_mean"] == fe_before["best_val_accuracy_selection_mean"]
+    assert fe["best_val_accuracy_mean"] == pytest.approx(fe_before["best_val_accuracy_mean"] / 2)
     # A loss is minimised.
     losses = df.assign(best_val_loss=1 - df["best_val_accuracy"])
     _, by_loss = select(losses, ["mode"], ["optimizer.lr"], "best_val_loss")
@@ -148,7 +156,12 @@ def test_report_select_keeps_each_arms_best_lr_on_validation(
     for _, row in selection.iterrows():
         arm = jobs[jobs["params.mode.name"] == row["mode"]]
         means = arm.groupby("params.optimizer.lr")["metrics.best_val_accuracy"].mean()
-        assert means[row["optimizer.lr"]] == means.max() == pytest.approx(row["best_val_accuracy_mean"])
+        assert (
+            means[row["optimizer.lr"]]
+            == means.max()
+            == pytest.approx(row["best_val_accuracy_selection_mean"])
+        )
+        assert row["best_val_accuracy_mean"] == pytest.approx(row["best_val_accuracy_selection_mean"])
         picked = arm[arm["params.optimizer.lr"] == row["optimizer.lr"]]["metrics.test_accuracy"]
         assert row["test_accuracy_mean"] == pytest.approx(picked.mean())
         assert (row["test_accuracy_ci95_low"], row["test_accuracy_ci95_high"]) == pytest.approx(

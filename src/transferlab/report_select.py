@@ -58,7 +58,9 @@ def select(
     of the arm's tuned configurations ran, i.e. the tuning sweep's; runs that replicate the winner
     afterwards (``transferlab.replicate``) never move the choice. Returns the runs of the chosen
     configurations (all their replicates) and one row per arm (arm axes, chosen tuned values, ``n``
-    runs, ``<metric>_mean`` on the compared replicates, ``selected_on`` their number, ``candidates``).
+    runs, ``<metric>_mean`` over those ``n`` runs like every other mean of the row,
+    ``<metric>_selection_mean`` on the compared replicates, the number that chose, ``selected_on``
+    their number, ``candidates``).
     Only the arm, tuned, replicate and ``metric`` columns are read, so no test metric can change what
     is chosen. Ties: more compared runs, then the smaller tuned values (by number where numeric).
     """
@@ -103,7 +105,8 @@ def select(
             {
                 **chosen,
                 "n": int(mask.sum()),
-                f"{metric}_mean": float(best["mean"]),
+                f"{metric}_mean": float(df.loc[mask, metric].mean()),
+                f"{metric}_selection_mean": float(best["mean"]),
                 "selected_on": len(common),
                 "candidates": len(configs),
             }  # fmt: skip

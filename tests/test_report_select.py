@@ -112,6 +112,37 @@ def test_selection_reads_validation_only() -> None:
     assert by_loss["optimizer.lr"].tolist() == choices["optimizer.lr"].tolist()
 
 
+def test_a_choice_at_its_grids_edge_is_flagged_unless_a_tie_put_it_there() -> None:
+    df = _frame()  # feature_extract: 0.001 (lowest tried) beats 0.01; full_finetune: 0.01 is inside
+    _, choices = select(df, ["mode"], ["optimizer.lr"], "best_val_accuracy")
+    edge = choices.set_index("mode")["grid_edge"]
+    assert edge["feature_extract"] == "optimizer.lr=0.001 is the lowest tried, better than 0.01"
+    assert edge["full_finetune"] == ""
+    # The highest edge, by number (not as text: "0.1" < "0.01" would not be the highest).
+    high = df.assign(best_val_accuracy=np.where(df["optimizer.lr"] == "0.1", 0.99, df["best_val_accuracy"]))
+    _, choices = select(high, ["mode"], ["optimizer.lr"], "best_val_accuracy")
+    assert set(choices["grid_edge"]) == {"optimizer.lr=0.1 is the highest tried, better than 0.01"}
+    # A tie broken towards the edge (the smaller value) is no evidence that the best lies past it.
+    tied = df.assign(
+        best_val_accuracy=np.where(
+            df["optimizer.lr"] == "0.01", 0.84 + 0.01 * df["seed"], df["best_val_accuracy"]
+        )
+    )
+    tied = tied[tied["mode"] == "feature_extract"]  # 0.001 and 0.01 now tie at 0.84 + 0.01 * seed
+    _, choices = select(tied, ["mode"], ["optimizer.lr"], "best_val_accuracy")
+    assert choices["optimizer.lr"].tolist() == ["0.001"] and choices["grid_edge"].tolist() == [""]
+    # A loss is minimised, so its edge is where the loss is lowest; a value that is no number has no edge.
+    _, by_loss = select(
+        df.assign(best_val_loss=1 - df["best_val_accuracy"]), ["mode"], ["optimizer.lr"], "best_val_loss"
+    )
+    assert by_loss.set_index("mode")["grid_edge"].to_dict() == edge.to_dict()
+    named = df.assign(
+        **{"optimizer.lr": df["optimizer.lr"].map({"0.001": "adam", "0.01": "sgd", "0.1": "lamb"})}
+    )
+    _, choices = select(named, ["mode"], ["optimizer.lr"], "best_val_accuracy")
+    assert set(choices["grid_edge"]) == {""}
+
+
 def test_a_test_metric_only_some_arms_logged_is_nan_for_the_others_without_a_warning() -> None:
     # shift_test_accuracy exists only where data.shift_* was set: the other arms get NaN, quietly.
     df = _frame().assign(shift_test_accuracy=lambda d: np.where(d["mode"] == "full_finetune", 0.7, np.nan))
@@ -148,6 +179,7 @@ def test_report_select_keeps_each_arms_best_lr_on_validation(
     )
     text = capsys.readouterr().out
     assert "Selected on validation: per arm, the optimizer.lr with the best mean best_val_accuracy" in text
+    assert "At a grid edge (the best may lie past the grid: extend it, on validation): " in text
     mlflow.set_tracking_uri(f"sqlite:///{tuned_sweep}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["tuned"])
     jobs = runs[runs["tags.sweep.role"] != "parent"]
@@ -334,6 +366,14 @@ def test_replicate_launches_exactly_each_arms_winner_and_resumes(tuned_sweep: Pa
     args = ["--experiment", "tuned", "--select", "best_val_accuracy", "--tracking-uri", uri]
     assert replicate.main([*args, "trainer.epochs=1"]) == 2  # no replicate named: nothing launched
     assert "no replicate among the overrides" in capsys.readouterr().err
+    # Two lrs per arm: a choice strictly better than the other lr is at its grid's edge, and its
+    # replicates are refused (one line, nothing launched) until the grid grows or --allow-edge.
+    edges = pd.read_csv(Path(_selection(uri)) / "selection.csv", keep_default_na=False)["grid_edge"]
+    assert edges.astype(bool).any(), "the fixture should put a choice at its grid's edge"
+    assert replicate.main([*args, "seed=1", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "may lie past the grid" in err and "--allow-edge" in err
+    args.append("--allow-edge")
     assert replicate.main([*args, "seed=1", "--dry-run"]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
     assert len(printed) == 2 and all("seed=1" in line and "seed=0" not in line for line in printed)

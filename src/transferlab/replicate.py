@@ -75,10 +75,16 @@ def launched_with(client: MlflowClient, run_id: str) -> dict:
 
 
 def commands(
-    client: MlflowClient, experiment: str, select: str, tune: Sequence[str], extra: Sequence[str]
+    client: MlflowClient,
+    experiment: str,
+    select: str,
+    tune: Sequence[str],
+    extra: Sequence[str],
+    allow_edge: bool = False,
 ) -> list[list[str]]:
     """One ``python -m transferlab.train -m ...`` per arm, from the runs ``--select`` chose; the store
-    the tuning sweep is read from is the store the replicates go to."""
+    the tuning sweep is read from is the store the replicates go to. A choice at its grid's edge is
+    refused unless ``allow_edge``: its replicates would be spent on a value the grid did not bracket."""
     selection = select_experiment(client, experiment)
     if not selection.runs:
         raise ReportError(f"experiment {experiment!r} has no sweep jobs. Fix: run the tuning sweep first")
@@ -90,6 +96,15 @@ def commands(
     analysis, _ = prepare(selection, select, tune)
     assert analysis.selection is not None
     arms = list(analysis.groups)
+    edges = analysis.selection[analysis.selection["grid_edge"].astype(bool)]
+    if len(edges) and not allow_edge:
+        row = edges.iloc[0]
+        label = " · ".join(f"{a}={row[a]}" for a in arms) or "all"
+        raise ReportError(
+            f"arm {label}: {row['grid_edge']} on {select}, so its best may lie past the grid "
+            f"({len(edges)} arm(s) so). Fix: extend the grid past it (a tuning run at the next value), "
+            "or pass --allow-edge to replicate the choice as it is"
+        )
     chosen = analysis.runs.set_index("run_id")
     out = []
     for _, row in analysis.selection.iterrows():
@@ -133,13 +148,18 @@ def main(argv: list[str] | None = None, launch: Callable[[list[str]], int] | Non
         "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or <repo>/mlflow.db"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands, launch nothing")
+    parser.add_argument(
+        "--allow-edge", action="store_true", help="replicate choices at their grid's edge too"
+    )
     parser.add_argument("overrides", nargs="+", help="the replicates (seed=1,2 ...) and launcher overrides")
     args = parser.parse_args(argv)
     uri = args.tracking_uri or default_tracking_uri()
     try:
         _check_store(uri)
         tune = [k.strip() for k in args.tune.split(",") if k.strip()] if args.tune else []
-        planned = commands(MlflowClient(uri), args.experiment, args.select, tune, args.overrides)
+        planned = commands(
+            MlflowClient(uri), args.experiment, args.select, tune, args.overrides, args.allow_edge
+        )
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code

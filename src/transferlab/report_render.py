@@ -364,6 +364,16 @@ def write_report(
             "configurations; test metrics chose nothing); only those runs are in the tables. Chosen values "
             "and test 95 % CIs: `selection.csv`.",
         )
+        edges = analysis.selection[analysis.selection["grid_edge"].astype(bool)]
+        if len(edges):
+            arms = [c for c in analysis.groups if c in edges.columns]
+            named = "; ".join(
+                f"{' · '.join(str(r[a]) for a in arms) or 'all'}: {r['grid_edge']}"
+                for _, r in edges.iterrows()
+            )
+            parts.insert(
+                3, f"At a grid edge (the best may lie past the grid: extend it, on validation): {named}."
+            )
     how = (
         "Mean ± std of the per-replicate differences in percentage points, their t-based 95 % confidence "
         "interval; p Holm: the two-sided paired t-test's p (`scipy.stats.ttest_rel`) adjusted by "

@@ -7,6 +7,10 @@ the **arms** (everything else: mode, backbone, weights, augment, ...). Per arm, 
 mean METRIC over replicates is best are chosen, and only that configuration's runs are reported. Test
 metrics are never read on the way: :func:`select` sees only the arm, tuned and METRIC columns.
 
+A choice at the edge of its grid (the lowest or highest value tried, strictly better than the next
+one inside) is flagged in ``grid_edge``: the best may lie past the grid, and ``transferlab.replicate``
+refuses to replicate it until the grid is extended (Kornblith et al. 2019 extend such grids).
+
 ``selection.csv`` gives each chosen configuration's test means with t-based 95 % confidence intervals
 (:mod:`transferlab.report_ci`), computed from the chosen runs after the choice.
 """
@@ -60,7 +64,7 @@ def select(
     configurations (all their replicates) and one row per arm (arm axes, chosen tuned values, ``n``
     runs, ``<metric>_mean`` over those ``n`` runs like every other mean of the row,
     ``<metric>_selection_mean`` on the compared replicates, the number that chose, ``selected_on``
-    their number, ``candidates``).
+    their number, ``candidates``, ``grid_edge``: see :func:`grid_edges`).
     Only the arm, tuned, replicate and ``metric`` columns are read, so no test metric can change what
     is chosen. Ties: more compared runs, then the smaller tuned values (by number where numeric).
     """
@@ -109,9 +113,32 @@ def select(
                 f"{metric}_selection_mean": float(best["mean"]),
                 "selected_on": len(common),
                 "candidates": len(configs),
+                "grid_edge": "; ".join(grid_edges(configs, best, tuned)),
             }  # fmt: skip
         )
     return df[keep], pd.DataFrame(rows)
+
+
+def grid_edges(configs: pd.DataFrame, best: pd.Series, tuned: list[str]) -> list[str]:
+    """The numeric tuned axes on which ``best`` is the lowest or highest value tried (the other tuned
+    values held at the choice) and strictly better than the next value inside: the best may lie past
+    the grid. A tie broken towards the edge is no such evidence. ``configs``: :func:`select`'s table
+    (``_key``, smaller is better, and ``_number_<key>``)."""
+    edges = []
+    for key in tuned:
+        line = configs
+        for other in tuned:
+            if other != key:
+                line = line[line[other] == best[other]]
+        line = line.dropna(subset=[f"_number_{key}"]).sort_values(f"_number_{key}")
+        if len(line) < 2 or math.isnan(best[f"_number_{key}"]):
+            continue
+        numbers = line[f"_number_{key}"].tolist()
+        for at, inside, word in ((0, 1, "lowest"), (len(numbers) - 1, len(numbers) - 2, "highest")):
+            # 1e-12: means of the same numbers summed in another order may differ in the last bit.
+            if numbers[at] == best[f"_number_{key}"] and best["_key"] < line["_key"].iloc[inside] - 1e-12:
+                edges.append(f"{key}={best[key]} is the {word} tried, better than {line[key].iloc[inside]}")
+    return edges
 
 
 def with_test_cis(

@@ -15,8 +15,11 @@ from __future__ import annotations
 import difflib
 import itertools
 import os
+import signal
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import hydra
@@ -31,6 +34,11 @@ from transferlab.schemas import ConfigError, register_configs, to_typed
 
 # Flags after which Hydra composes nothing or from another config tree: leave those to Hydra.
 _SKIP_FLAGS = ("help", "hydra_help", "shell_completion", "config_path", "config_dir", "experimental_rerun")
+
+# The child's signal to its parent that the overrides were refused (its line is already printed).
+# SIGUSR1: nothing else in a plain `python -m transferlab.train` process uses it this early (submitit
+# preempts with USR2). Windows has none, and no fork: the check runs first there.
+_REFUSED = getattr(signal, "SIGUSR1", None)
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -221,24 +229,79 @@ def refuse_a_sweep_inside_torchrun(multirun: bool) -> None:
         sys.exit(2)
 
 
-def answer_without_compute(argv: list[str], conf_dir: Path, config_name: str) -> None:
+def answer_without_compute(argv: list[str], conf_dir: Path, config_name: str) -> Callable[[], None]:
     """An entrypoint's first step, run before torch, timm, torchvision and MLflow are imported
     (seconds on a small machine): a bad override is refused (exit 2), and ``--help``,
     ``--hydra-help``, ``--cfg``, ``--info`` and ``--shell-completion`` are answered by Hydra from
-    the config alone (exit 0). Anything else returns, for the real entrypoint to run."""
+    the config alone (exit 0). Anything else returns, for the real entrypoint to run: it calls the
+    returned function before its first use of the config (see :func:`check_beside`)."""
     from hydra._internal.utils import get_args_parser
 
     register_configs()  # the schemas the YAML options extend
-    check_overrides(argv, conf_dir, config_name)
     args, _ = get_args_parser().parse_known_args(argv)
-    refuse_a_sweep_inside_torchrun(args.multirun)
+
+    def check() -> None:
+        check_overrides(argv, conf_dir, config_name)
+        refuse_a_sweep_inside_torchrun(args.multirun)
+
     if not any(getattr(args, flag, None) for flag in _INFO_FLAGS):
-        return
+        return check_beside(check)
+    check()
     # Hydra answers these flags itself, before calling the task function: it never runs. It names the
     # job after the task's module: the entrypoint's (hydra.job.name=train, as a real run's).
     _no_task.__module__ = f"transferlab.{config_name}"
     hydra.main(version_base="1.3", config_path=str(conf_dir), config_name=config_name)(_no_task)()
     sys.exit(0)
+
+
+def check_beside(check: Callable[[], None]) -> Callable[[], None]:
+    """Run ``check`` (which prints a refusal and exits 2) in a forked child while this process goes
+    on importing torch, timm and MLflow: on 2 cores the overrides' check (composing the config and the
+    typed schema's checks, which import torch.optim) then runs beside the imports. A refusal still comes at once: the child prints its line and signals
+    this process, which exits 2 wherever its imports are. The returned ``wait`` gives the child's
+    verdict: it returns when the check passed, and otherwise exits with the child's code (its
+    output already printed). Only on Linux, in a process of one thread: elsewhere (Windows: no fork;
+    macOS, where a forked child that imports torch's frameworks is not safe; a Jupyter kernel or a
+    debugger, with threads) the check runs here, first."""
+    if sys.platform != "linux" or threading.active_count() > 1 or _REFUSED is None:
+        check()
+        return lambda: None
+    sys.stdout.flush()  # a buffer left unflushed would be printed twice, by the child too
+    sys.stderr.flush()
+    if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:  # inherited: waitpid would find no child
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    parent = os.getpid()
+    before = signal.signal(_REFUSED, lambda *_: os._exit(2))
+    pid = os.fork()
+    if pid == 0:  # the child: one verdict, then gone without running the parent's exit handlers
+        code = 1
+        try:
+            code = 0
+            check()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        except KeyboardInterrupt:
+            code = 130  # the parent got the same Ctrl-C: it stops on its own
+        except BaseException:  # noqa: BLE001 - a crash, reported as the check before would have
+            traceback.print_exc()
+            code = 1
+        finally:
+            try:
+                sys.stderr.flush()
+                sys.stdout.flush()
+                if code == 2 and os.getppid() == parent:  # not a reused pid: the parent is alive
+                    os.kill(parent, _REFUSED)
+            except BaseException:  # noqa: BLE001, S110 - a closed pipe, a parent gone: exit anyway
+                pass
+            os._exit(min(code, 255))
+
+    def wait() -> None:
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        signal.signal(_REFUSED, before)
+        if code != 0:
+            sys.exit(code if code > 0 else 128 - code)  # killed by signal N: 128 + N, as a shell says
+
+    return wait
 
 
 def _no_task(cfg: DictConfig) -> None:

@@ -18,7 +18,9 @@ if __name__ == "__main__":
     # is refused, and --help / --cfg are answered, from the config alone, in about a second.
     from transferlab.preflight import answer_without_compute
 
-    answer_without_compute(sys.argv[1:], CONF_DIR, "train")
+    # A run's overrides are checked in a forked child while the imports below go on (a refusal
+    # still exits at once); wait_for_preflight gives the verdict before Hydra composes.
+    wait_for_preflight = answer_without_compute(sys.argv[1:], CONF_DIR, "train")
 
 import json  # after the fast path above (E402 is allowed in this file: pyproject.toml)
 import logging
@@ -399,4 +401,5 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    main()  # its overrides were checked at the top, before the heavy imports
+    wait_for_preflight()  # the overrides' check, begun at the top before the heavy imports
+    main()

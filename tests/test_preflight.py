@@ -79,6 +79,42 @@ def test_python_m_train_refuses_a_bad_late_sweep_value_in_one_line_and_starts_no
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "logs").exists()
 
 
+def test_the_entrypoint_waits_for_a_verdict_that_comes_after_its_imports(tmp_path: Path) -> None:
+    """The imports done already (a warm interpreter), the check slower than them: the entrypoint
+    must wait for its verdict before Hydra starts the run, which creates the job's log folder."""
+    argv = [*TINY, *store_overrides(tmp_path), "trainer.batch_size=0"]
+    done = _python(
+        f"""
+        import os, runpy, sys, time
+        from pathlib import Path
+        import transferlab.train  # the heavy imports, paid here: the entrypoint's own take no time
+        from transferlab import preflight
+
+        del sys.modules["transferlab.train"]  # run afresh as __main__ below, its imports cached
+
+        beside, parent = preflight.check_beside, os.getpid()
+
+        def slow_beside(check):
+            def slow():
+                Path({str(tmp_path / "beside")!r}).write_text(str(os.getpid() != parent))
+                time.sleep(3)  # the verdict comes long after the imports
+                check()
+            return beside(slow)
+
+        preflight.check_beside = slow_beside
+        sys.argv = ["train", *{argv!r}]
+        runpy.run_module("transferlab.train", run_name="__main__", alter_sys=True)
+        print("not reached")
+        """
+    )
+    assert (tmp_path / "beside").read_text() == "True"  # the check did run in the forked child
+    assert done.returncode == 2 and "not reached" not in done.stdout, done
+    assert done.stderr.strip().splitlines() == [
+        "error: trainer.batch_size: must be >= 1, got 0. Fix: use e.g. 32"
+    ], done.stderr
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_good_overrides_pass_and_nothing_is_printed_twice() -> None:
     """Output buffered before the fork is flushed first: otherwise the child would print it again."""
     done = _python(

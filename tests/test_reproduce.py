@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -19,10 +20,26 @@ def test_a_rerun_gives_the_same_metrics_side_by_side(run_cli, store, tmp_path: P
     assert run_cli(*TINY, *store, "mode=full_finetune", "seed=5", "optimizer.lr=3e-4") == 0
     run_id = runs_in(tmp_path).iloc[0]["run_id"]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # As if the run had been logged on another kind of CPU: shown, so a difference can be explained,
+    # while the verdict stays the results'.
+    client = mlflow.MlflowClient(uri)
+    record = json.loads(
+        Path(client.download_artifacts(run_id, "reproducibility.json", str(tmp_path))).read_text()
+    )
+    here = record["platform"]["cpu_capability"]
+    record["platform"]["cpu_capability"] = "AVX512" if here != "AVX512" else "AVX2"
+    client.log_dict(run_id, record, "reproducibility.json")
     assert reproduce.main([run_id, "--tracking-uri", uri, *_where(tmp_path)]) == 0
     out = capsys.readouterr()
     assert "optimizer.lr=3e-4" in out.err and "seed=5" in out.err
     assert "test_accuracy" in out.out and " NO" not in out.out and "identical" in out.out
+    differ = out.out.split("these differ:\n")[1].splitlines()
+    assert differ[0].split() == [
+        "platform.cpu_capability",
+        repr(record["platform"]["cpu_capability"]),
+        repr(here),
+    ]
+    assert not differ[1].startswith("  ")  # nothing else differs: the same packages, the same machine
     runs = runs_in(tmp_path)
     assert len(runs) == 2
     rerun = runs[runs["tags.reproduces"] == run_id].iloc[0]
@@ -77,3 +94,4 @@ def test_a_run_whose_first_launch_missed_the_caches_reproduces(
     row = next(line for line in out.splitlines() if line.startswith("feature_cache_hit"))
     assert row.split()[1:] == ["0", "1", "(bookkeeping)"]
     assert "identical" in out and " NO" not in out
+    assert "environment: the packages and platform the logged run recorded are the same here" in out

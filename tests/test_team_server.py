@@ -96,6 +96,12 @@ def _check_tree(client: MlflowClient, done: subprocess.CompletedProcess) -> None
         assert "test_accuracy" in run.data.metrics
 
 
+def _rank_logs(folder: Path) -> str:
+    """The end of each rank's stderr (torchrun --log-dir): the interleaved log shows only the last to fail."""
+    files = sorted(folder.glob("*/attempt_*/*/stderr.log"))
+    return "\n".join(f"== rank {f.parent.name}: {f}\n{f.read_text()[-2500:]}" for f in files)
+
+
 @pytest.mark.slow  # about 2 min: a PostgreSQL cluster, an MLflow server and a 4-job sweep; CI runs it
 @pytest.mark.guarantee
 def test_four_parallel_jobs_and_a_ddp_run_log_into_a_postgresql_backed_server(
@@ -107,8 +113,10 @@ def test_four_parallel_jobs_and_a_ddp_run_log_into_a_postgresql_backed_server(
     ddp_root = tmp_path / "ddp"
     ddp_root.mkdir()
     args = [a for a in TINY if not a.startswith("trainer.epochs")] + [f"trainer.epochs={EPOCHS}"]
+    # Each rank's output in a file of its own as well: a failure shows why every rank stopped.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "transferlab.train", *args, "mode=full_finetune", f"mlflow.tracking_uri={server.url}",
+           f"--log-dir={ddp_root}/ranks", "--tee=3", "-m", "transferlab.train", *args, "mode=full_finetune",
+           f"mlflow.tracking_uri={server.url}",
            f"mlflow.artifact_location={ddp_root}/artifacts", f"paths.cache_dir={ddp_root}/cache",
            f"hydra.run.dir={ddp_root}/run"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -118,7 +126,7 @@ def test_four_parallel_jobs_and_a_ddp_run_log_into_a_postgresql_backed_server(
     try:
         client = MlflowClient(server.url)
         _check_tree(client, _sweep(tmp_path, server.url))
-        assert ddp.wait(timeout=600) == 0, log.read_text()[-3000:]
+        assert ddp.wait(timeout=600) == 0, _rank_logs(ddp_root / "ranks") or log.read_text()[-3000:]
         (experiment,) = [e for e in client.search_experiments() if e.name == "transferlab"]
         (run,) = [
             r for r in client.search_runs([experiment.experiment_id]) if "sweep.role" not in r.data.tags

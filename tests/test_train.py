@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from transferlab import model_store
@@ -68,6 +69,10 @@ def test_a_tiny_run_logs_everything(run_cli, store, tmp_path: Path, mode: str) -
     assert record["dataset"]["fingerprint"] == run["tags.dataset.fingerprint"]
     assert run["tags.git.commits"] == run["tags.mlflow.source.git.commit"] == record["git"]["commit"]  # one
     assert "environ" not in json.dumps(record).lower()
+    # The kind of CPU decides torch's kernels and so the bits of a fine-tuning run: recorded, and a tag.
+    assert record["platform"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert run["tags.platform.cpu_capability"] == record["platform"]["cpu_capability"]
+    assert record["platform"]["cpu"]
     # The dataset as an MLflow input, with the fingerprint as digest.
     inputs = client.get_run(run["run_id"]).inputs.dataset_inputs
     assert {i.dataset.digest for i in inputs} == {record["dataset"]["fingerprint"][:32]}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 
 from transferlab.distributed import rank_zero_only
 from transferlab.tracking import log_new_metrics
@@ -40,6 +41,21 @@ def command_line() -> str:
     return " ".join([Path(sys.executable).name, "-m", "transferlab.train", *sys.argv[1:]])
 
 
+def cpu_record() -> dict[str, str]:
+    """The CPU as far as it can change the bits. torch picks its CPU kernels by instruction set, and a
+    fine-tuning run on an AVX-512 CPU and on an AVX2 one differ from the first epoch, while a frozen
+    backbone's features do not (experiments/elpv_protocol_long/README.md, "Two machines in step 1")."""
+    model = platform.processor()
+    try:  # platform.processor() is only "x86_64" on Linux; the model name is in /proc/cpuinfo
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model
+            )
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 @rank_zero_only
 def log_reproducibility(cfg: Any, built: Any, data: Any, counts: dict[str, int]) -> None:
     """Everything needed to trust and rerun the numbers; never environment variables."""
@@ -63,6 +79,7 @@ def log_reproducibility(cfg: Any, built: Any, data: Any, counts: dict[str, int])
             "system": platform.platform(),
             "machine": platform.machine(),
             "processor": platform.processor(),
+            **cpu_record(),
         },
         "parameters": counts,
     }
@@ -98,5 +115,7 @@ def log_reproducibility(cfg: Any, built: Any, data: Any, counts: dict[str, int])
             "weights.source": built.weight_source,
             "weights.sha256": built.weight_sha256 or "none",
             "dataset.fingerprint": data.fingerprint,
+            # A tag, to group or filter runs by it in the UI: runs from different kinds may differ.
+            "platform.cpu_capability": record["platform"]["cpu_capability"],
         }
     )

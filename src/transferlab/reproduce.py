@@ -11,6 +11,8 @@ called on the way: the result goes through the same typed schema as any command 
 ``optimizer._target_`` must be a ``torch.optim`` optimizer (an allow-list), and a ``_target_``
 anywhere else is refused. Exit status 0 when every result metric is identical, 1 otherwise: timing
 and cache use (``*_s``, ``*_cache_hit``) are shown beside them but never decide the verdict.
+Below the table, the packages and platform entries of the two runs' ``reproducibility.json`` that
+differ (the CPU's instruction set among them): identical results are promised only where none does.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.schemas import ConfigError, register_configs, semantic_config, to_typed
@@ -114,6 +117,32 @@ def _table(old: dict[str, float], new: dict[str, float]) -> tuple[str, bool]:
     return "\n".join(rows), same
 
 
+def _environment(client: MlflowClient, run_id: str) -> dict[str, str]:
+    """The packages and platform a run recorded, flat (``packages.torch``, ``platform.cpu_capability``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            record = json.loads(
+                Path(client.download_artifacts(run_id, "reproducibility.json", tmp)).read_text()
+            )
+        except (MlflowException, OSError, ValueError):  # a run without the record: nothing to compare
+            return {}
+    flat = flatten({k: record.get(k, {}) for k in ("packages", "platform")})
+    return {k: str(v) for k, v in flat.items()}
+
+
+def _environment_table(old: dict[str, str], new: dict[str, str]) -> str:
+    """What differs between the two runs' machines and packages: where a DIFFERENT verdict can come from.
+    Only what the logged run recorded is compared (older runs recorded less)."""
+    differ = [k for k in sorted(old) if old[k] != new.get(k)]
+    if not differ:
+        return "environment: the packages and platform the logged run recorded are the same here"
+    rows = [
+        "environment: results are promised identical only on the same CPU kind and packages; these differ:",
+        *(f"  {k:<26} {old[k]!r:>24} {new.get(k, '-')!r:>24}" for k in differ),
+    ]
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m transferlab.reproduce", description=__doc__.split("\n")[0]
@@ -163,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         client.set_tag(rerun.info.run_id, "reproduces", args.run_id)
     table, same = _table(dict(run.data.metrics), {k: float(v) for k, v in new.items()})
     print(table)
+    if rerun is not None:
+        print(_environment_table(_environment(client, args.run_id), _environment(client, rerun.info.run_id)))
     commit = run.data.tags.get("mlflow.source.git.commit")
     print(
         f"\nlogged run {args.run_id} (commit {commit}) vs rerun {rerun.info.run_id if rerun else '?'}: "

@@ -117,15 +117,17 @@ def _table(old: dict[str, float], new: dict[str, float]) -> tuple[str, bool]:
     return "\n".join(rows), same
 
 
+def _json_artifact(client: MlflowClient, run_id: str, name: str) -> Any:
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, name, tmp)).read_text())
+
+
 def _environment(client: MlflowClient, run_id: str) -> dict[str, str]:
     """The packages and platform a run recorded, flat (``packages.torch``, ``platform.cpu_capability``)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            record = json.loads(
-                Path(client.download_artifacts(run_id, "reproducibility.json", tmp)).read_text()
-            )
-        except (MlflowException, OSError, ValueError):  # a run without the record: nothing to compare
-            return {}
+    try:
+        record = _json_artifact(client, run_id, "reproducibility.json")
+    except (MlflowException, OSError, ValueError):  # a run without the record: nothing to compare
+        return {}
     flat = flatten({k: record.get(k, {}) for k in ("packages", "platform")})
     return {k: str(v) for k, v in flat.items()}
 
@@ -172,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 "check the id and --tracking-uri",
             ) from None
         with tempfile.TemporaryDirectory() as tmp:
-            logged_overrides = json.loads(
-                Path(client.download_artifacts(args.run_id, "overrides.json", tmp)).read_text()
-            )
+            logged_overrides = _json_artifact(client, args.run_id, "overrides.json")
             logged_config = Path(client.download_artifacts(args.run_id, "config.yaml", tmp)).read_text()
             out = tempfile.mkdtemp(prefix="reproduce-")
             raw, used = rebuild(logged_overrides, logged_config, [*where, f"paths.output_dir={out}"])
